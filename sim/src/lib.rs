@@ -1,0 +1,1 @@
+//! Placeholder: the simulator's issue has not landed yet. See ARCHITECTURE.md.
