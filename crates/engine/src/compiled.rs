@@ -1,0 +1,398 @@
+//! A flag set compiled for evaluation: immutable, shared between threads, cheap to query.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bunting_model::{validate_flag, Flag, FlagSet, FlagState, Problem};
+use serde_json::{Map, Value};
+
+use crate::context::EvaluationContext;
+use crate::resolution::{ErrorCode, Reason, Resolution, SharedValue, TypedResolution};
+use crate::rule::{Env, Rule, Val};
+
+/// How `fractional` maps a hash to a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FractionalBucketing {
+    /// Current flagd: `(u64(murmur3_x86_32(s, 0)) * total_weight) >> 32`, exact integer arithmetic.
+    #[default]
+    V2,
+    /// flagd before the high-precision change: `|i32(hash)| / i32::MAX` scaled to a percentage
+    /// bucket 0–99, walked against each variant's percentage of the total weight. For flag sets
+    /// migrated from providers that still bucket this way.
+    V1,
+}
+
+/// Options fixed when a flag set is compiled.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// The bucketing algorithm of `fractional`.
+    pub fractional: FractionalBucketing,
+}
+
+/// A flag that failed validation or whose rule did not compile; it evaluates to an ERROR.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokenFlag {
+    pub key: String,
+    /// Every problem found, with JSON Pointers into the flag set document.
+    pub problems: Vec<Problem>,
+}
+
+/// One variant of a compiled flag, with the resolution that serves it prepared in advance.
+#[derive(Debug)]
+struct CompiledVariant {
+    key: Arc<str>,
+    /// Served when targeting returns this variant's key.
+    matched: Resolution,
+}
+
+#[derive(Debug)]
+enum Body {
+    /// Validated and compiled.
+    Ready {
+        variants: Vec<CompiledVariant>,
+        /// Variant key → index, only for flags with many variants (a scan is faster for few).
+        index: Option<HashMap<Box<str>, usize>>,
+        /// Served without targeting, or when it returns null.
+        when_static: Resolution,
+        when_default: Resolution,
+        targeting: Option<Rule>,
+    },
+    /// Disabled: served as is, whatever the context.
+    Fixed(Resolution),
+}
+
+#[derive(Debug)]
+struct CompiledFlag {
+    key: Arc<str>,
+    body: Body,
+    metadata: Arc<Map<String, Value>>,
+}
+
+/// A flag set compiled into an immutable evaluator. `Send + Sync`: share it behind an `Arc` and
+/// swap the `Arc` when the flag set changes.
+#[derive(Debug)]
+pub struct CompiledFlagSet {
+    /// Sorted by key, so bulk evaluation answers in key order.
+    flags: Vec<CompiledFlag>,
+    by_key: HashMap<Box<str>, usize>,
+    broken: Vec<BrokenFlag>,
+    /// Served with FLAG_NOT_FOUND.
+    set_metadata: Arc<Map<String, Value>>,
+    options: CompileOptions,
+}
+
+const SMALL_VARIANT_COUNT: usize = 16;
+
+impl CompiledFlagSet {
+    /// Compiles every flag. Never fails: a flag that does not validate, or whose rule does not
+    /// compile, becomes a deterministic ERROR resolution and is listed by
+    /// [`CompiledFlagSet::broken_flags`].
+    pub fn compile(set: &FlagSet, options: &CompileOptions) -> CompiledFlagSet {
+        let set_metadata = Arc::new(set.metadata.clone());
+        let mut flags = Vec::with_capacity(set.flags.len());
+        let mut broken = Vec::new();
+        for (key, flag) in &set.flags {
+            let mut metadata = set.metadata.clone();
+            for (k, v) in &flag.metadata {
+                metadata.insert(k.clone(), v.clone());
+            }
+            let metadata = Arc::new(metadata);
+            let problems = validate_flag(key, flag, &set.evaluators);
+            let body = if problems.is_empty() {
+                match compile_flag(key, flag, set, options, &metadata) {
+                    Ok(body) => body,
+                    Err(problem) => {
+                        let r = broken_resolution(std::slice::from_ref(&problem), &metadata);
+                        broken.push(BrokenFlag {
+                            key: key.clone(),
+                            problems: vec![problem],
+                        });
+                        Body::Fixed(r)
+                    }
+                }
+            } else {
+                let r = broken_resolution(&problems, &metadata);
+                broken.push(BrokenFlag {
+                    key: key.clone(),
+                    problems,
+                });
+                Body::Fixed(r)
+            };
+            flags.push(CompiledFlag {
+                key: Arc::from(key.as_str()),
+                body,
+                metadata,
+            });
+        }
+        flags.sort_by(|a, b| a.key.cmp(&b.key));
+        broken.sort_by(|a, b| a.key.cmp(&b.key));
+        let by_key = flags
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (Box::from(&*f.key), i))
+            .collect();
+        CompiledFlagSet {
+            flags,
+            by_key,
+            broken,
+            set_metadata,
+            options: options.clone(),
+        }
+    }
+
+    /// Flags that evaluate to ERROR because they are invalid, with their problems; sorted by key.
+    pub fn broken_flags(&self) -> &[BrokenFlag] {
+        &self.broken
+    }
+
+    /// Number of flags, broken ones included.
+    pub fn len(&self) -> usize {
+        self.flags.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flags.is_empty()
+    }
+
+    /// Flag keys in key order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.flags.iter().map(|f| &*f.key)
+    }
+
+    pub fn contains(&self, flag_key: &str) -> bool {
+        self.by_key.contains_key(flag_key)
+    }
+
+    /// The flag set's own metadata.
+    pub fn metadata(&self) -> &Map<String, Value> {
+        &self.set_metadata
+    }
+
+    pub fn options(&self) -> &CompileOptions {
+        &self.options
+    }
+
+    /// Evaluates one flag.
+    pub fn evaluate(&self, flag_key: &str, ctx: &EvaluationContext) -> Resolution {
+        match self.by_key.get(flag_key) {
+            Some(&i) => self.flags[i].evaluate(ctx),
+            None => Resolution::error(
+                ErrorCode::FlagNotFound,
+                format!("flag {flag_key:?} is not in this flag set"),
+                self.set_metadata.clone(),
+            ),
+        }
+    }
+
+    /// Evaluates every flag, in key order (OFREP bulk evaluation). Disabled and broken flags are
+    /// included, with reason DISABLED and ERROR.
+    pub fn evaluate_all(&self, ctx: &EvaluationContext) -> Vec<(&str, Resolution)> {
+        self.flags
+            .iter()
+            .map(|f| (&*f.key, f.evaluate(ctx)))
+            .collect()
+    }
+
+    /// Evaluates a boolean flag; any other type is TYPE_MISMATCH.
+    pub fn evaluate_boolean(
+        &self,
+        flag_key: &str,
+        ctx: &EvaluationContext,
+    ) -> TypedResolution<bool> {
+        TypedResolution::from_resolution(self.evaluate(flag_key, ctx), "boolean", Value::as_bool)
+    }
+
+    /// Evaluates a string flag; any other type is TYPE_MISMATCH.
+    pub fn evaluate_string(
+        &self,
+        flag_key: &str,
+        ctx: &EvaluationContext,
+    ) -> TypedResolution<String> {
+        TypedResolution::from_resolution(self.evaluate(flag_key, ctx), "string", |v| {
+            v.as_str().map(str::to_owned)
+        })
+    }
+
+    /// Evaluates an integer flag: a number without a fractional part that fits an `i64`; any
+    /// other value is TYPE_MISMATCH.
+    pub fn evaluate_integer(
+        &self,
+        flag_key: &str,
+        ctx: &EvaluationContext,
+    ) -> TypedResolution<i64> {
+        TypedResolution::from_resolution(self.evaluate(flag_key, ctx), "integer", |v| {
+            v.as_i64().or_else(|| {
+                let f = v.as_f64()?;
+                (f.fract() == 0.0 && f >= i64::MIN as f64 && f < i64::MAX as f64)
+                    .then_some(f as i64)
+            })
+        })
+    }
+
+    /// Evaluates a number flag as a float; any other type is TYPE_MISMATCH.
+    pub fn evaluate_float(&self, flag_key: &str, ctx: &EvaluationContext) -> TypedResolution<f64> {
+        TypedResolution::from_resolution(self.evaluate(flag_key, ctx), "float", Value::as_f64)
+    }
+
+    /// Evaluates an object flag (a JSON object or array); any other type is TYPE_MISMATCH.
+    pub fn evaluate_object(
+        &self,
+        flag_key: &str,
+        ctx: &EvaluationContext,
+    ) -> TypedResolution<SharedValue> {
+        let r = self.evaluate(flag_key, ctx);
+        let shared = r.value.clone();
+        TypedResolution::from_resolution(r, "object", |v| {
+            matches!(v, Value::Object(_) | Value::Array(_))
+                .then_some(shared)
+                .flatten()
+        })
+    }
+}
+
+impl CompiledFlag {
+    fn evaluate(&self, ctx: &EvaluationContext) -> Resolution {
+        let (variants, index, when_static, when_default, targeting) = match &self.body {
+            Body::Fixed(r) => return r.clone(),
+            Body::Ready {
+                variants,
+                index,
+                when_static,
+                when_default,
+                targeting,
+                ..
+            } => (variants, index, when_static, when_default, targeting),
+        };
+        let Some(rule) = targeting else {
+            return when_static.clone();
+        };
+        let env = Env::new(&self.key, ctx);
+        let result = rule.evaluate(&env);
+        let found = |name: &str| -> Option<&CompiledVariant> {
+            match index {
+                Some(ix) => ix.get(name).map(|&i| &variants[i]),
+                None => variants.iter().find(|v| &*v.key == name),
+            }
+        };
+        let name_buf;
+        let name: &str = match &result {
+            Val::Null => return when_default.clone(),
+            Val::Str(s) => s,
+            Val::String(s) => s,
+            Val::Bool(true) => "true",
+            Val::Bool(false) => "false",
+            other => {
+                name_buf = other.variant_name();
+                &name_buf
+            }
+        };
+        match found(name) {
+            Some(v) => v.matched.clone(),
+            None => Resolution::error(
+                ErrorCode::General,
+                format!(
+                    "targeting of flag {:?} returned {name:?}, which is not one of its variants",
+                    &*self.key
+                ),
+                self.metadata.clone(),
+            ),
+        }
+    }
+}
+
+fn compile_flag(
+    key: &str,
+    flag: &Flag,
+    set: &FlagSet,
+    options: &CompileOptions,
+    metadata: &Arc<Map<String, Value>>,
+) -> Result<Body, Problem> {
+    if flag.state == FlagState::Disabled {
+        return Ok(Body::Fixed(Resolution {
+            value: None,
+            variant: None,
+            reason: Reason::Disabled,
+            error_code: None,
+            error_details: None,
+            metadata: metadata.clone(),
+        }));
+    }
+    let variants: Vec<CompiledVariant> = flag
+        .variants
+        .iter()
+        .map(|(k, v)| {
+            let key: Arc<str> = Arc::from(k.as_str());
+            CompiledVariant {
+                matched: Resolution {
+                    value: Some(SharedValue::new(v.clone())),
+                    variant: Some(key.clone()),
+                    reason: Reason::TargetingMatch,
+                    error_code: None,
+                    error_details: None,
+                    metadata: metadata.clone(),
+                },
+                key,
+            }
+        })
+        .collect();
+    let default = flag
+        .default_variant
+        .key()
+        .and_then(|d| variants.iter().find(|v| &*v.key == d));
+    let with_reason = |reason| match default {
+        Some(v) => Resolution {
+            reason,
+            ..v.matched.clone()
+        },
+        None => Resolution {
+            value: None,
+            variant: None,
+            reason: Reason::Default,
+            error_code: None,
+            error_details: None,
+            metadata: metadata.clone(),
+        },
+    };
+    let when_static = with_reason(Reason::Static);
+    let when_default = with_reason(Reason::Default);
+    let targeting = match flag.effective_targeting() {
+        None => None,
+        Some(rule) => Some(
+            Rule::compile(rule, &set.evaluators, options).map_err(|message| {
+                Problem::new(bunting_model::pointer(["flags", key, "targeting"]), message)
+            })?,
+        ),
+    };
+    let index = (variants.len() > SMALL_VARIANT_COUNT).then(|| {
+        variants
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (Box::from(&*v.key), i))
+            .collect()
+    });
+    Ok(Body::Ready {
+        variants,
+        index,
+        when_static,
+        when_default,
+        targeting,
+    })
+}
+
+/// The resolution of an invalid flag: PARSE_ERROR when its targeting is at fault, else GENERAL.
+fn broken_resolution(problems: &[Problem], metadata: &Arc<Map<String, Value>>) -> Resolution {
+    let code = if problems
+        .iter()
+        .all(|p| p.pointer.contains("/targeting") || p.pointer.contains("/$evaluators"))
+    {
+        ErrorCode::ParseError
+    } else {
+        ErrorCode::General
+    };
+    let details = problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    Resolution::error(code, format!("invalid flag: {details}"), metadata.clone())
+}
