@@ -45,6 +45,8 @@ struct CompiledVariant {
     matched: Resolution,
 }
 
+// One per flag, read on every evaluation: kept inline rather than boxed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Body {
     /// Validated and compiled.

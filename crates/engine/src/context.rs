@@ -78,7 +78,10 @@ impl EvaluationContext {
     pub(crate) fn targeting_key_value(&self) -> Option<TargetingKey<'_>> {
         match &self.targeting_key {
             Some(k) => Some(TargetingKey::Str(k)),
-            None => self.attributes.get("targetingKey").map(TargetingKey::Other),
+            None => self
+                .attributes
+                .get("targetingKey")
+                .map(|_| TargetingKey::Other),
         }
     }
 
@@ -105,7 +108,8 @@ pub(crate) fn flagd_properties(flag_key: &str, timestamp: i64) -> Value {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum TargetingKey<'a> {
     Str(&'a str),
-    Other(&'a Value),
+    /// Present but not a string.
+    Other,
 }
 
 pub(crate) fn json_type_name(v: &Value) -> &'static str {

@@ -11,14 +11,14 @@
 //! threads, randomness, or panics on any flag set or context. An invalid flag compiles into an
 //! ERROR resolution instead of failing the whole set.
 
-// Skeleton: the rule evaluator lands next; remove once it uses everything.
-#![allow(dead_code)]
-
 mod compiled;
 mod context;
 mod error;
+mod fractional;
 mod resolution;
 mod rule;
+mod semver;
+mod val;
 
 pub use compiled::{BrokenFlag, CompileOptions, CompiledFlagSet, FractionalBucketing};
 pub use context::EvaluationContext;

@@ -1,10 +1,23 @@
 //! Targeting rules: JsonLogic with flagd's operations, compiled once and evaluated often.
+//!
+//! Compiling resolves `$ref`s, splits `var` paths, recognises which part of the data a path reads
+//! (`$flagd`, `targetingKey` or the attributes), pre-parses `sem_ver` literals and prepares constant
+//! `fractional` distributions, so evaluation parses nothing. JsonLogic semantics are
+//! json-logic-js's (JavaScript coercion and truthiness); the flagd operations follow flagd's Go
+//! evaluator, including its answer of null (so the default variant is served) to invalid input.
 
+use std::rc::Rc;
+
+use bunting_model::limits::MAX_RULE_DEPTH;
 use indexmap::IndexMap;
 use serde_json::Value;
 
-use crate::compiled::CompileOptions;
-use crate::context::EvaluationContext;
+use crate::compiled::{CompileOptions, FractionalBucketing};
+use crate::context::{flagd_properties, EvaluationContext};
+use crate::fractional::{self, Distribution};
+use crate::semver::{SemverOp, Version};
+pub(crate) use crate::val::Val;
+use crate::val::{canonical_index, lookup_json};
 
 /// What one evaluation sees: the flag being evaluated and the caller's context.
 pub(crate) struct Env<'a> {
@@ -18,47 +31,1454 @@ impl<'a> Env<'a> {
     }
 }
 
-/// A value produced while evaluating a rule; borrows from the rule and the context where it can.
-#[derive(Debug, Clone)]
-pub(crate) enum Val<'a> {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(&'a str),
-    String(String),
+/// A compiled targeting rule.
+#[derive(Debug)]
+pub(crate) struct Rule {
+    root: Node,
+    bucketing: FractionalBucketing,
 }
 
-impl Val<'_> {
-    /// The variant key a non-string targeting result names, as flagd renders it.
-    pub(crate) fn variant_name(&self) -> String {
-        match self {
-            Val::Null => "null".into(),
-            Val::Bool(b) => b.to_string(),
-            Val::Num(n) => n.to_string(),
-            Val::Str(s) => (*s).to_owned(),
-            Val::String(s) => s.clone(),
+/// One segment of a `var` path.
+#[derive(Debug, Clone)]
+struct Seg {
+    key: Box<str>,
+    /// The key as an array index, when it is a canonical one.
+    index: Option<usize>,
+}
+
+/// Where a static `var` path starts in flagd's data object.
+#[derive(Debug, Clone)]
+enum Root {
+    /// `$flagd.flagKey`.
+    FlagKey,
+    /// `$flagd.timestamp`.
+    Timestamp,
+    /// `$flagd` itself, or a member of it that flagd does not define.
+    Flagd,
+    /// `targetingKey`.
+    TargetingKey,
+    /// An attribute of the context.
+    Attr,
+}
+
+#[derive(Debug, Clone)]
+struct Path {
+    segs: Vec<Seg>,
+    root: Root,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Eq,
+    StrictEq,
+    Ne,
+    StrictNe,
+    Not,
+    NotNot,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Mod,
+    Min,
+    Max,
+    In,
+    Cat,
+    Substr,
+    Merge,
+    Missing,
+    MissingSome,
+    StartsWith,
+    EndsWith,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Iter {
+    Map,
+    Filter,
+    All,
+    None,
+    Some,
+}
+
+#[derive(Debug)]
+enum Node {
+    /// A literal: scalars, and arrays and objects without logic inside.
+    Lit(Value),
+    /// An array with logic inside: evaluated element by element.
+    Array(Vec<Node>),
+    /// `var` with a path known at compile time.
+    Var {
+        path: Path,
+        default: Option<Box<Node>>,
+    },
+    /// `var` whose path is computed.
+    VarDyn(Vec<Node>),
+    If(Vec<Node>),
+    And(Vec<Node>),
+    Or(Vec<Node>),
+    Op(Op, Vec<Node>),
+    Iter(Iter, Box<[Node; 2]>),
+    Reduce(Box<[Node; 3]>, bool),
+    Fractional(Box<FractionalNode>),
+    SemVer(Box<SemVerNode>),
+}
+
+#[derive(Debug)]
+struct FractionalNode {
+    args: Vec<Node>,
+    /// The distribution, when every distribution argument is a literal (the usual case).
+    constant: Option<ConstantFractional>,
+}
+
+#[derive(Debug)]
+struct ConstantFractional {
+    /// The expression giving the bucketing string, when the rule has one.
+    bucket_by: Option<usize>,
+    /// `None` when the literal distribution is invalid (the operation then answers null).
+    distribution: Option<Distribution>,
+}
+
+#[derive(Debug)]
+struct SemVerNode {
+    args: Vec<Node>,
+    /// Pre-parsed when the operator and target version are literals: `None` inside when invalid.
+    constant: Option<Option<(SemverOp, Version)>>,
+}
+
+impl Rule {
+    /// Compiles a rule; `$ref`s are resolved against `evaluators`. Fails on what validation also
+    /// refuses (unknown operators, unknown or cyclic `$ref`s, excessive depth).
+    pub(crate) fn compile(
+        rule: &Value,
+        evaluators: &IndexMap<String, Value>,
+        options: &CompileOptions,
+    ) -> Result<Rule, String> {
+        let mut c = Compiler {
+            evaluators,
+            visiting: Vec::new(),
+        };
+        Ok(Rule {
+            root: c.compile(rule, 0)?,
+            bucketing: options.fractional,
+        })
+    }
+
+    /// Evaluates the rule against `env`.
+    pub(crate) fn evaluate<'a>(&'a self, env: &Env<'a>) -> Val<'a> {
+        let e = Eval {
+            env,
+            bucketing: self.bucketing,
+        };
+        e.eval(&self.root, Scope::Root)
+    }
+}
+
+struct Compiler<'e> {
+    evaluators: &'e IndexMap<String, Value>,
+    visiting: Vec<String>,
+}
+
+impl Compiler<'_> {
+    fn compile(&mut self, v: &Value, depth: usize) -> Result<Node, String> {
+        if depth > MAX_RULE_DEPTH * 2 {
+            return Err(format!(
+                "rule nests deeper than the limit of {MAX_RULE_DEPTH}"
+            ));
+        }
+        match v {
+            Value::Array(items) => {
+                let nodes = items
+                    .iter()
+                    .map(|i| self.compile(i, depth + 1))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if nodes.iter().all(|n| matches!(n, Node::Lit(_))) {
+                    Ok(Node::Lit(v.clone()))
+                } else {
+                    Ok(Node::Array(nodes))
+                }
+            }
+            Value::Object(m) if m.len() == 1 => {
+                let Some((op, args)) = m.iter().next() else {
+                    return Ok(Node::Lit(v.clone()));
+                };
+                if op == "$ref" {
+                    return self.compile_ref(args, depth);
+                }
+                // JsonLogic passes a lone non-array argument as a one-element list.
+                let args: Vec<Node> = match args {
+                    Value::Array(items) => items
+                        .iter()
+                        .map(|i| self.compile(i, depth + 1))
+                        .collect::<Result<_, _>>()?,
+                    other => vec![self.compile(other, depth + 1)?],
+                };
+                self.compile_op(op, args)
+            }
+            // Objects with other than one key are data, not logic.
+            _ => Ok(Node::Lit(v.clone())),
+        }
+    }
+
+    fn compile_ref(&mut self, name: &Value, depth: usize) -> Result<Node, String> {
+        let Some(name) = name.as_str() else {
+            return Err("$ref must name an evaluator".into());
+        };
+        let Some(target) = self.evaluators.get(name) else {
+            return Err(format!("$ref {name:?} names no entry of $evaluators"));
+        };
+        if self.visiting.iter().any(|v| v == name) {
+            return Err(format!("$ref {name:?} refers back to itself"));
+        }
+        self.visiting.push(name.to_owned());
+        let node = self.compile(target, depth);
+        self.visiting.pop();
+        node
+    }
+
+    fn compile_op(&mut self, op: &str, mut args: Vec<Node>) -> Result<Node, String> {
+        let simple = |o: Op, args: Vec<Node>| Ok(Node::Op(o, args));
+        match op {
+            "var" => Ok(compile_var(args)),
+            "if" | "?:" => Ok(Node::If(args)),
+            "and" => Ok(Node::And(args)),
+            "or" => Ok(Node::Or(args)),
+            "==" => simple(Op::Eq, args),
+            "===" => simple(Op::StrictEq, args),
+            "!=" => simple(Op::Ne, args),
+            "!==" => simple(Op::StrictNe, args),
+            "!" => simple(Op::Not, args),
+            "!!" => simple(Op::NotNot, args),
+            "<" => simple(Op::Lt, args),
+            "<=" => simple(Op::Le, args),
+            ">" => simple(Op::Gt, args),
+            ">=" => simple(Op::Ge, args),
+            "+" => simple(Op::Add, args),
+            "-" => simple(Op::Sub, args),
+            "*" => simple(Op::Mul, args),
+            "/" => simple(Op::Div, args),
+            "%" => simple(Op::Mod, args),
+            "min" => simple(Op::Min, args),
+            "max" => simple(Op::Max, args),
+            "in" => simple(Op::In, args),
+            "cat" => simple(Op::Cat, args),
+            "substr" => simple(Op::Substr, args),
+            "merge" => simple(Op::Merge, args),
+            "missing" => simple(Op::Missing, args),
+            "missing_some" => simple(Op::MissingSome, args),
+            "starts_with" => simple(Op::StartsWith, args),
+            "ends_with" => simple(Op::EndsWith, args),
+            "map" | "filter" | "all" | "none" | "some" => {
+                let kind = match op {
+                    "map" => Iter::Map,
+                    "filter" => Iter::Filter,
+                    "all" => Iter::All,
+                    "none" => Iter::None,
+                    _ => Iter::Some,
+                };
+                args.truncate(2);
+                while args.len() < 2 {
+                    args.push(Node::Lit(Value::Null));
+                }
+                let [a, b]: [Node; 2] = args.try_into().map_err(|_| "unreachable".to_owned())?;
+                Ok(Node::Iter(kind, Box::new([a, b])))
+            }
+            "reduce" => {
+                let has_initial = args.len() >= 3;
+                args.truncate(3);
+                while args.len() < 3 {
+                    args.push(Node::Lit(Value::Null));
+                }
+                let [a, b, c]: [Node; 3] = args.try_into().map_err(|_| "unreachable".to_owned())?;
+                Ok(Node::Reduce(Box::new([a, b, c]), has_initial))
+            }
+            "fractional" => Ok(Node::Fractional(Box::new(compile_fractional(args)))),
+            "sem_ver" => {
+                let constant = match (args.len(), args.get(1), args.get(2)) {
+                    (3, Some(Node::Lit(op)), Some(Node::Lit(target))) => Some(
+                        op.as_str()
+                            .and_then(SemverOp::parse)
+                            .zip(Version::from_val(&Val::from_json(target))),
+                    ),
+                    _ => None,
+                };
+                Ok(Node::SemVer(Box::new(SemVerNode { args, constant })))
+            }
+            other => Err(format!("unknown operator {other:?}")),
         }
     }
 }
 
-/// A compiled targeting rule.
-#[derive(Debug)]
-pub(crate) struct Rule {
-    _root: Value,
+fn compile_var(args: Vec<Node>) -> Node {
+    match args.first() {
+        None => Node::Var {
+            path: Path {
+                segs: vec![],
+                root: Root::Attr,
+            },
+            default: None,
+        },
+        Some(Node::Lit(p)) if !matches!(p, Value::Array(_) | Value::Object(_)) => {
+            let text = match p {
+                Value::Null => String::new(),
+                Value::String(s) => s.clone(),
+                other => Val::from_json(other).to_js_string(),
+            };
+            let path = split_path(&text);
+            let mut args = args.into_iter();
+            args.next();
+            Node::Var {
+                path,
+                default: args.next().map(Box::new),
+            }
+        }
+        Some(_) => Node::VarDyn(args),
+    }
 }
 
-impl Rule {
-    pub(crate) fn compile(
-        rule: &Value,
-        _evaluators: &IndexMap<String, Value>,
-        _options: &CompileOptions,
-    ) -> Result<Rule, String> {
-        Ok(Rule {
-            _root: rule.clone(),
+fn split_path(text: &str) -> Path {
+    if text.is_empty() {
+        return Path {
+            segs: vec![],
+            root: Root::Attr,
+        };
+    }
+    let segs: Vec<Seg> = text
+        .split('.')
+        .map(|s| Seg {
+            key: s.into(),
+            index: canonical_index(s),
         })
+        .collect();
+    let root = match (segs.first().map(|s| &*s.key), segs.get(1).map(|s| &*s.key)) {
+        (Some("$flagd"), Some("flagKey")) => Root::FlagKey,
+        (Some("$flagd"), Some("timestamp")) => Root::Timestamp,
+        (Some("$flagd"), _) => Root::Flagd,
+        (Some("targetingKey"), _) => Root::TargetingKey,
+        _ => Root::Attr,
+    };
+    Path { segs, root }
+}
+
+fn compile_fractional(args: Vec<Node>) -> FractionalNode {
+    // The first argument is the bucketing expression unless it is itself a distribution.
+    let first_is_distribution = matches!(args.first(), Some(Node::Lit(Value::Array(_))));
+    let first_is_literal = matches!(args.first(), Some(Node::Lit(_)));
+    let dist_start = usize::from(!first_is_distribution);
+    let all_literal = args.len() > dist_start
+        && args[dist_start..]
+            .iter()
+            .all(|a| matches!(a, Node::Lit(Value::Array(_))));
+    // A literal first argument other than a distribution, a string or null makes the whole
+    // operation invalid; the generic path handles that.
+    let constant = if all_literal && (first_is_distribution || !first_is_literal) {
+        let vals: Vec<Val<'_>> = args[dist_start..]
+            .iter()
+            .map(|a| match a {
+                Node::Lit(v) => Val::from_json(v),
+                _ => Val::Null,
+            })
+            .collect();
+        Some(ConstantFractional {
+            bucket_by: (!first_is_distribution).then_some(0),
+            distribution: Distribution::parse(&vals),
+        })
+    } else {
+        None
+    };
+    FractionalNode { args, constant }
+}
+
+/// What `var` reads: the context (at the top), or an element inside `map`/`filter`/`reduce`.
+#[derive(Clone, Copy)]
+enum Scope<'s, 'a> {
+    Root,
+    Item(&'s Val<'a>),
+    Reduce {
+        current: &'s Val<'a>,
+        accumulator: &'s Val<'a>,
+    },
+}
+
+struct Eval<'e, 'a> {
+    env: &'e Env<'a>,
+    bucketing: FractionalBucketing,
+}
+
+impl<'a> Eval<'_, 'a> {
+    fn eval(&self, node: &'a Node, scope: Scope<'_, 'a>) -> Val<'a> {
+        match node {
+            Node::Lit(v) => Val::from_json(v),
+            Node::Array(items) => Val::Array(items.iter().map(|i| self.eval(i, scope)).collect()),
+            Node::Var { path, default } => match self.lookup(path, scope) {
+                Some(v) => v,
+                None => match default {
+                    Some(d) => self.eval(d, scope),
+                    None => Val::Null,
+                },
+            },
+            Node::VarDyn(args) => {
+                let vals: Vec<Val<'a>> = args.iter().map(|a| self.eval(a, scope)).collect();
+                let text = match vals.first() {
+                    None | Some(Val::Null) => String::new(),
+                    Some(v) => v.to_js_string(),
+                };
+                match self.lookup(&split_path(&text), scope) {
+                    Some(v) => v,
+                    None => vals.into_iter().nth(1).unwrap_or(Val::Null),
+                }
+            }
+            Node::If(args) => {
+                let mut i = 0;
+                while i + 1 < args.len() {
+                    if self.eval(&args[i], scope).truthy() {
+                        return self.eval(&args[i + 1], scope);
+                    }
+                    i += 2;
+                }
+                match args.get(i) {
+                    Some(last) => self.eval(last, scope),
+                    None => Val::Null,
+                }
+            }
+            Node::And(args) => {
+                let mut last = Val::Null;
+                for a in args {
+                    last = self.eval(a, scope);
+                    if !last.truthy() {
+                        return last;
+                    }
+                }
+                last
+            }
+            Node::Or(args) => {
+                let mut last = Val::Null;
+                for a in args {
+                    last = self.eval(a, scope);
+                    if last.truthy() {
+                        return last;
+                    }
+                }
+                last
+            }
+            Node::Op(op, args) => self.op(*op, args, scope),
+            Node::Iter(kind, parts) => self.iter(*kind, &parts[0], &parts[1], scope),
+            Node::Reduce(parts, has_initial) => {
+                let initial = if *has_initial {
+                    self.eval(&parts[2], scope)
+                } else {
+                    Val::Null
+                };
+                let data = self.eval(&parts[0], scope);
+                let Some(items) = data.array_items() else {
+                    return initial;
+                };
+                let mut acc = initial;
+                for item in &items {
+                    let next = self.eval(
+                        &parts[1],
+                        Scope::Reduce {
+                            current: item,
+                            accumulator: &acc,
+                        },
+                    );
+                    acc = next;
+                }
+                acc
+            }
+            Node::Fractional(f) => self.fractional(f, scope),
+            Node::SemVer(s) => self.sem_ver(s, scope),
+        }
     }
 
-    pub(crate) fn evaluate<'a>(&'a self, _env: &Env<'a>) -> Val<'a> {
-        Val::Null
+    /// Reads a static path; `None` when JavaScript would find `undefined` (the default applies).
+    fn lookup(&self, path: &Path, scope: Scope<'_, 'a>) -> Option<Val<'a>> {
+        match scope {
+            Scope::Root => self.lookup_root(path),
+            Scope::Item(item) => lookup_in_val(item, &path.segs),
+            Scope::Reduce {
+                current,
+                accumulator,
+            } => {
+                let Some((first, rest)) = path.segs.split_first() else {
+                    let mut m = serde_json::Map::new();
+                    m.insert("current".into(), current.to_value());
+                    m.insert("accumulator".into(), accumulator.to_value());
+                    return Some(Val::Owned(Rc::new(Value::Object(m))));
+                };
+                let base = match &*first.key {
+                    "current" => current,
+                    "accumulator" => accumulator,
+                    _ => return None,
+                };
+                lookup_in_val(base, rest)
+            }
+        }
+    }
+
+    fn lookup_root(&self, path: &Path) -> Option<Val<'a>> {
+        let ctx = self.env.ctx;
+        let Some((first, rest)) = path.segs.split_first() else {
+            return Some(Val::from_owned_json(ctx.to_data(self.env.flag_key)));
+        };
+        match path.root {
+            Root::FlagKey => {
+                if path.segs.len() == 2 {
+                    Some(Val::Str(self.env.flag_key))
+                } else {
+                    // Members of a string (`length`, indexes) are JavaScript oddities rules do
+                    // not rely on: treated as absent.
+                    None
+                }
+            }
+            Root::Timestamp => (path.segs.len() == 2).then_some(Val::Num(ctx.timestamp as f64)),
+            Root::Flagd => {
+                let props = flagd_properties(self.env.flag_key, ctx.timestamp);
+                let mut v = &props;
+                for s in rest {
+                    v = lookup_json(v, &s.key)?;
+                }
+                Some(Val::from_owned_json(v.clone()))
+            }
+            Root::TargetingKey => match &ctx.targeting_key {
+                Some(k) if rest.is_empty() => Some(Val::Str(k)),
+                Some(_) => None,
+                None => lookup_json_path(ctx.attributes.get(&*first.key)?, rest),
+            },
+            Root::Attr => lookup_json_path(ctx.attributes.get(&*first.key)?, rest),
+        }
+    }
+
+    fn op(&self, op: Op, args: &'a [Node], scope: Scope<'_, 'a>) -> Val<'a> {
+        let arg = |i: usize| -> Val<'a> {
+            match args.get(i) {
+                Some(n) => self.eval(n, scope),
+                None => Val::Null,
+            }
+        };
+        match op {
+            Op::Eq => Val::Bool(arg(0).loose_eq(&arg(1))),
+            Op::Ne => Val::Bool(!arg(0).loose_eq(&arg(1))),
+            Op::StrictEq => Val::Bool(arg(0).strict_eq(&arg(1))),
+            Op::StrictNe => Val::Bool(!arg(0).strict_eq(&arg(1))),
+            Op::Not => Val::Bool(!arg(0).truthy()),
+            Op::NotNot => Val::Bool(arg(0).truthy()),
+            Op::Lt | Op::Le => {
+                if args.len() < 2 {
+                    // Comparing with JavaScript's `undefined` is always false.
+                    let _ = arg(0);
+                    return Val::Bool(false);
+                }
+                let strict = op == Op::Lt;
+                let cmp = |a: &Val<'_>, b: &Val<'_>| {
+                    if strict {
+                        a.less_than(b) == Some(true)
+                    } else {
+                        b.less_than(a) == Some(false)
+                    }
+                };
+                let (a, b) = (arg(0), arg(1));
+                if args.len() >= 3 {
+                    let c = arg(2);
+                    Val::Bool(cmp(&a, &b) && cmp(&b, &c))
+                } else {
+                    Val::Bool(cmp(&a, &b))
+                }
+            }
+            Op::Gt | Op::Ge => {
+                if args.len() < 2 {
+                    let _ = arg(0);
+                    return Val::Bool(false);
+                }
+                let (a, b) = (arg(0), arg(1));
+                Val::Bool(if op == Op::Gt {
+                    b.less_than(&a) == Some(true)
+                } else {
+                    a.less_than(&b) == Some(false)
+                })
+            }
+            Op::Add => Val::Num(
+                args.iter()
+                    .map(|n| self.eval(n, scope).parse_float())
+                    .fold(0.0, |a, b| a + b),
+            ),
+            Op::Mul => {
+                let mut vals = args.iter().map(|n| self.eval(n, scope));
+                let Some(first) = vals.next() else {
+                    // Array.reduce on no values throws in json-logic-js; null here.
+                    return Val::Null;
+                };
+                if args.len() == 1 {
+                    // reduce with one value and no initial value returns it unchanged.
+                    return first;
+                }
+                Val::Num(vals.fold(first.parse_float(), |a, b| a * b.parse_float()))
+            }
+            Op::Sub => match args.len() {
+                0 => Val::Num(f64::NAN),
+                1 => Val::Num(-arg(0).to_number()),
+                _ => Val::Num(arg(0).to_number() - arg(1).to_number()),
+            },
+            Op::Div => Val::Num(arg(0).to_number() / num_or_nan(args, 1, &arg)),
+            Op::Mod => Val::Num(js_rem(arg(0).to_number(), num_or_nan(args, 1, &arg))),
+            Op::Min | Op::Max => {
+                let is_min = op == Op::Min;
+                let mut acc = if is_min {
+                    f64::INFINITY
+                } else {
+                    f64::NEG_INFINITY
+                };
+                for n in args {
+                    let x = self.eval(n, scope).to_number();
+                    if x.is_nan() || acc.is_nan() {
+                        acc = f64::NAN;
+                    } else if (is_min && x < acc) || (!is_min && x > acc) {
+                        acc = x;
+                    }
+                }
+                Val::Num(acc)
+            }
+            Op::In => {
+                let needle = arg(0);
+                let hay = arg(1);
+                match &hay {
+                    Val::Str(s) if !s.is_empty() => Val::Bool(contains_str(s, &needle)),
+                    Val::String(s) if !s.is_empty() => Val::Bool(contains_str(s, &needle)),
+                    other => match other.array_items() {
+                        Some(items) => Val::Bool(items.iter().any(|i| i.strict_eq(&needle))),
+                        None => Val::Bool(false),
+                    },
+                }
+            }
+            Op::Cat => {
+                if let [only] = args {
+                    if let v @ (Val::Str(_) | Val::String(_)) = self.eval(only, scope) {
+                        return v;
+                    }
+                }
+                let mut out = String::new();
+                for n in args {
+                    self.eval(n, scope).write_js_string(&mut out);
+                }
+                Val::String(out)
+            }
+            Op::Substr => {
+                let source = arg(0).to_js_string();
+                let start = to_integer(arg(1).to_number());
+                let length = if args.len() >= 3 {
+                    Some(to_integer(arg(2).to_number()))
+                } else {
+                    None
+                };
+                Val::String(substr(&source, start, length))
+            }
+            Op::Merge => {
+                let mut out = Vec::new();
+                for n in args {
+                    let v = self.eval(n, scope);
+                    match v.array_items() {
+                        Some(items) => out.extend(items),
+                        None => out.push(v),
+                    }
+                }
+                Val::Array(out)
+            }
+            Op::Missing => {
+                let vals: Vec<Val<'a>> = args.iter().map(|n| self.eval(n, scope)).collect();
+                self.missing(vals, scope)
+            }
+            Op::MissingSome => {
+                let need = arg(0).to_number();
+                let options = arg(1);
+                let keys = match options.array_items() {
+                    Some(items) => items,
+                    None => vec![options.clone()],
+                };
+                let total = options.array_len().map(|l| l as f64);
+                let missing = self.missing(keys, scope);
+                let missing_count = missing.array_len().unwrap_or(0) as f64;
+                match total {
+                    Some(total) if total - missing_count >= need => Val::Array(vec![]),
+                    _ => missing,
+                }
+            }
+            Op::StartsWith | Op::EndsWith => {
+                if args.len() != 2 {
+                    return Val::Null;
+                }
+                let (a, b) = (arg(0), arg(1));
+                match (a.as_str(), b.as_str()) {
+                    (Some(s), Some(t)) => Val::Bool(if op == Op::StartsWith {
+                        s.starts_with(t)
+                    } else {
+                        s.ends_with(t)
+                    }),
+                    _ => Val::Null,
+                }
+            }
+        }
+    }
+
+    fn missing(&self, vals: Vec<Val<'a>>, scope: Scope<'_, 'a>) -> Val<'a> {
+        let keys: Vec<Val<'a>> = match vals.first().and_then(Val::array_items) {
+            Some(items) => items,
+            None => vals,
+        };
+        let mut out = Vec::new();
+        for key in keys {
+            let text = match &key {
+                Val::Null => String::new(),
+                other => other.to_js_string(),
+            };
+            let found = self.lookup(&split_path(&text), scope);
+            let absent = match &found {
+                None | Some(Val::Null) => true,
+                Some(v) => v.as_str() == Some(""),
+            };
+            if absent {
+                out.push(key);
+            }
+        }
+        Val::Array(out)
+    }
+
+    fn iter(&self, kind: Iter, data: &'a Node, logic: &'a Node, scope: Scope<'_, 'a>) -> Val<'a> {
+        let data = self.eval(data, scope);
+        let items = data.array_items();
+        let Some(items) = items else {
+            return match kind {
+                Iter::Map | Iter::Filter => Val::Array(vec![]),
+                Iter::All | Iter::Some => Val::Bool(false),
+                Iter::None => Val::Bool(true),
+            };
+        };
+        match kind {
+            Iter::Map => Val::Array(
+                items
+                    .iter()
+                    .map(|i| self.eval(logic, Scope::Item(i)))
+                    .collect(),
+            ),
+            Iter::Filter => Val::Array(
+                items
+                    .into_iter()
+                    .filter(|i| self.eval(logic, Scope::Item(i)).truthy())
+                    .collect(),
+            ),
+            Iter::All => Val::Bool(
+                !items.is_empty()
+                    && items
+                        .iter()
+                        .all(|i| self.eval(logic, Scope::Item(i)).truthy()),
+            ),
+            Iter::None => Val::Bool(
+                !items
+                    .iter()
+                    .any(|i| self.eval(logic, Scope::Item(i)).truthy()),
+            ),
+            Iter::Some => Val::Bool(
+                items
+                    .iter()
+                    .any(|i| self.eval(logic, Scope::Item(i)).truthy()),
+            ),
+        }
+    }
+
+    fn fractional(&self, f: &'a FractionalNode, scope: Scope<'_, 'a>) -> Val<'a> {
+        if let Some(c) = &f.constant {
+            let bucket_val = c.bucket_by.map(|i| self.eval(&f.args[i], scope));
+            let key = match &bucket_val {
+                Some(v) if v.as_str().is_some() => v.as_str().map(fractional::BucketKey::Given),
+                Some(Val::Null) | None => self.default_bucket_key(),
+                // An array from the bucketing expression would be a distribution: evaluate the
+                // operation the long way.
+                Some(v) if v.array_len().is_some() => return self.fractional_generic(f, scope),
+                Some(_) => return Val::Null,
+            };
+            let (Some(key), Some(dist)) = (key, &c.distribution) else {
+                return Val::Null;
+            };
+            return dist.choose(&key, self.bucketing);
+        }
+        self.fractional_generic(f, scope)
+    }
+
+    fn fractional_generic(&self, f: &'a FractionalNode, scope: Scope<'_, 'a>) -> Val<'a> {
+        let vals: Vec<Val<'a>> = f.args.iter().map(|a| self.eval(a, scope)).collect();
+        let Some(first) = vals.first() else {
+            return Val::Null;
+        };
+        let (key, rest) = match first {
+            Val::Str(s) => (Some(fractional::BucketKey::Given(s)), &vals[1..]),
+            Val::String(s) => (Some(fractional::BucketKey::Given(s)), &vals[1..]),
+            Val::Null => (self.default_bucket_key(), &vals[1..]),
+            _ => (self.default_bucket_key(), &vals[..]),
+        };
+        let Some(key) = key else {
+            return Val::Null;
+        };
+        match Distribution::parse(rest) {
+            Some(d) => Val::from_owned_json(d.choose(&key, self.bucketing).to_value()),
+            None => Val::Null,
+        }
+    }
+
+    /// flagKey + targetingKey; `None` (so the operation answers null) without a string key.
+    fn default_bucket_key(&self) -> Option<fractional::BucketKey<'a>> {
+        match self.env.ctx.targeting_key_value()? {
+            crate::context::TargetingKey::Str("") => None,
+            crate::context::TargetingKey::Str(k) => Some(fractional::BucketKey::FlagAndTargeting(
+                self.env.flag_key,
+                k,
+            )),
+            crate::context::TargetingKey::Other => None,
+        }
+    }
+
+    fn sem_ver(&self, s: &'a SemVerNode, scope: Scope<'_, 'a>) -> Val<'a> {
+        if s.args.len() != 3 {
+            return Val::Null;
+        }
+        let actual = self.eval(&s.args[0], scope);
+        let Some(actual) = Version::from_val(&actual) else {
+            return Val::Null;
+        };
+        let result = match &s.constant {
+            Some(Some((op, target))) => op.apply(&actual, target),
+            Some(None) => return Val::Null,
+            None => {
+                let op = self.eval(&s.args[1], scope);
+                let target = self.eval(&s.args[2], scope);
+                let Some(op) = op.as_str().and_then(SemverOp::parse) else {
+                    return Val::Null;
+                };
+                let Some(target) = Version::from_val(&target) else {
+                    return Val::Null;
+                };
+                op.apply(&actual, &target)
+            }
+        };
+        Val::Bool(result)
+    }
+}
+
+/// Reads `segs` below a value produced during evaluation.
+fn lookup_in_val<'a>(base: &Val<'a>, segs: &[Seg]) -> Option<Val<'a>> {
+    let Some((first, rest)) = segs.split_first() else {
+        return Some(base.clone());
+    };
+    match base {
+        Val::Json(v) => lookup_json_path(v, segs),
+        Val::Array(items) => lookup_in_val(items.get(first.index?)?, rest),
+        Val::Owned(v) => {
+            let mut cur: &Value = v;
+            for s in segs {
+                cur = lookup_json(cur, &s.key)?;
+            }
+            Some(Val::from_owned_json(cur.clone()))
+        }
+        _ => None,
+    }
+}
+
+fn lookup_json_path<'a>(mut v: &'a Value, segs: &[Seg]) -> Option<Val<'a>> {
+    for s in segs {
+        v = match v {
+            Value::Object(m) => m.get(&*s.key)?,
+            Value::Array(a) => a.get(s.index?)?,
+            _ => return None,
+        };
+    }
+    Some(Val::from_json(v))
+}
+
+fn num_or_nan<'a>(args: &[Node], i: usize, arg: &impl Fn(usize) -> Val<'a>) -> f64 {
+    if args.len() > i {
+        arg(i).to_number()
+    } else {
+        f64::NAN
+    }
+}
+
+/// JavaScript's `%`: the remainder takes the dividend's sign (Rust's `%` on floats does too).
+fn js_rem(a: f64, b: f64) -> f64 {
+    a % b
+}
+
+fn contains_str(hay: &str, needle: &Val<'_>) -> bool {
+    match needle.as_str() {
+        Some(n) => hay.contains(n),
+        None => hay.contains(needle.to_js_string().as_str()),
+    }
+}
+
+/// JavaScript's ToIntegerOrInfinity.
+fn to_integer(n: f64) -> f64 {
+    if n.is_nan() {
+        0.0
+    } else {
+        n.trunc()
+    }
+}
+
+/// String.prototype.substr, counting characters (JavaScript counts UTF-16 units; the two agree
+/// outside the astral planes). json-logic-js treats a negative length as "stop that many
+/// characters before the end".
+fn substr(source: &str, start: f64, length: Option<f64>) -> String {
+    let chars: Vec<char> = source.chars().collect();
+    let size = chars.len() as f64;
+    let from = if start < 0.0 {
+        (size + start).max(0.0)
+    } else {
+        start.min(size)
+    };
+    let avail = size - from;
+    let take = match length {
+        None => avail,
+        Some(l) if l < 0.0 => (avail + l).max(0.0),
+        Some(l) => l.min(avail).max(0.0),
+    };
+    let (from, take) = (from as usize, take as usize);
+    chars[from..from + take].iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Evaluates `rule` for flag `flag` against the OFREP-style context `data` at time 1000.
+    pub(crate) fn eval_with(rule: Value, data: Value, bucketing: FractionalBucketing) -> Value {
+        let options = CompileOptions {
+            fractional: bucketing,
+        };
+        let compiled = Rule::compile(&rule, &IndexMap::new(), &options).unwrap();
+        let ctx = EvaluationContext::from_value(&data, 1000).unwrap();
+        let env = Env::new("flag", &ctx);
+        compiled.evaluate(&env).to_value()
+    }
+
+    fn eval(rule: Value, data: Value) -> Value {
+        eval_with(rule, data, FractionalBucketing::V2)
+    }
+
+    fn check(cases: &[(Value, Value, Value)]) {
+        for (rule, data, want) in cases {
+            assert_eq!(
+                &eval(rule.clone(), data.clone()),
+                want,
+                "rule {rule} with data {data}"
+            );
+        }
+    }
+
+    #[test]
+    fn var_reads_dotted_paths_indexes_defaults_and_whole_data() {
+        let data = json!({"a": {"b": [10, {"c": "deep"}]}, "n": null, "targetingKey": "u1"});
+        check(&[
+            (json!({"var": "a.b.0"}), data.clone(), json!(10)),
+            (json!({"var": "a.b.1.c"}), data.clone(), json!("deep")),
+            (json!({"var": ["a.x", "dflt"]}), data.clone(), json!("dflt")),
+            (json!({"var": ["n", "dflt"]}), data.clone(), json!(null)),
+            (json!({"var": "a.b.01"}), data.clone(), json!(null)),
+            (json!({"var": 1}), json!({"1": "one"}), json!("one")),
+            (json!({"var": "targetingKey"}), data.clone(), json!("u1")),
+            (
+                json!({"var": "$flagd.flagKey"}),
+                data.clone(),
+                json!("flag"),
+            ),
+            (
+                json!({"var": "$flagd.timestamp"}),
+                data.clone(),
+                json!(1000),
+            ),
+            (json!({"var": "$flagd.other"}), data.clone(), json!(null)),
+            (
+                json!({"var": ""}),
+                json!({"x": 1}),
+                json!({"x": 1, "$flagd": {"flagKey": "flag", "timestamp": 1000}}),
+            ),
+            (
+                json!({"var": {"cat": ["a", ".b.0"]}}),
+                data.clone(),
+                json!(10),
+            ),
+            (json!({"var": [{"cat": ["zz"]}, 5]}), data, json!(5)),
+        ]);
+    }
+
+    #[test]
+    fn missing_and_missing_some_report_absent_or_empty_keys() {
+        let data = json!({"a": 1, "e": "", "n": null, "o": {"p": 2}});
+        check(&[
+            (
+                json!({"missing": ["a", "b", "e", "n", "o.p", "o.q"]}),
+                data.clone(),
+                json!(["b", "e", "n", "o.q"]),
+            ),
+            (json!({"missing": "b"}), data.clone(), json!(["b"])),
+            (
+                json!({"missing": {"merge": ["a", "z"]}}),
+                data.clone(),
+                json!(["z"]),
+            ),
+            (
+                json!({"missing_some": [1, ["a", "b"]]}),
+                data.clone(),
+                json!([]),
+            ),
+            (
+                json!({"missing_some": [2, ["a", "b", "c"]]}),
+                data,
+                json!(["b", "c"]),
+            ),
+        ]);
+    }
+
+    #[test]
+    fn if_chains_and_and_or_return_operands() {
+        check(&[
+            (json!({"if": [true, "a", "b"]}), json!({}), json!("a")),
+            (json!({"if": [false, "a", "b"]}), json!({}), json!("b")),
+            (
+                json!({"if": [false, "a", 0, "b", "c"]}),
+                json!({}),
+                json!("c"),
+            ),
+            (
+                json!({"if": [false, "a", [1], "b", "c"]}),
+                json!({}),
+                json!("b"),
+            ),
+            (json!({"if": [false, "a"]}), json!({}), json!(null)),
+            (json!({"if": []}), json!({}), json!(null)),
+            (json!({"?:": [[], "a", "b"]}), json!({}), json!("b")),
+            (json!({"and": [1, "x", 0, "y"]}), json!({}), json!(0)),
+            (json!({"and": [1, "x"]}), json!({}), json!("x")),
+            (json!({"or": [0, "", "z", "w"]}), json!({}), json!("z")),
+            (json!({"or": [0, ""]}), json!({}), json!("")),
+            (json!({"and": []}), json!({}), json!(null)),
+        ]);
+    }
+
+    #[test]
+    fn equality_and_negation_follow_javascript() {
+        check(&[
+            (json!({"==": [1, "1"]}), json!({}), json!(true)),
+            (json!({"==": [0, false]}), json!({}), json!(true)),
+            (json!({"==": [null, 0]}), json!({}), json!(false)),
+            (json!({"===": [1, "1"]}), json!({}), json!(false)),
+            (json!({"===": ["a", "a"]}), json!({}), json!(true)),
+            (json!({"!=": [1, "2"]}), json!({}), json!(true)),
+            (json!({"!==": [1, 1]}), json!({}), json!(false)),
+            (json!({"!": [[]]}), json!({}), json!(true)),
+            (json!({"!": ""}), json!({}), json!(true)),
+            (json!({"!!": ["0"]}), json!({}), json!(true)),
+            (json!({"!!": [[]]}), json!({}), json!(false)),
+            (json!({"!!": {"var": "o"}}), json!({"o": {}}), json!(true)),
+        ]);
+    }
+
+    #[test]
+    fn comparisons_coerce_and_support_between() {
+        check(&[
+            (json!({"<": [1, 2]}), json!({}), json!(true)),
+            (json!({"<": ["11", "2"]}), json!({}), json!(true)),
+            (json!({"<": ["11", 2]}), json!({}), json!(false)),
+            (json!({"<": [1, 2, 3]}), json!({}), json!(true)),
+            (json!({"<": [1, 3, 3]}), json!({}), json!(false)),
+            (json!({"<=": [1, 3, 3]}), json!({}), json!(true)),
+            (json!({"<=": [2, 2]}), json!({}), json!(true)),
+            (json!({">": [3, 2]}), json!({}), json!(true)),
+            (json!({">=": [2, "2"]}), json!({}), json!(true)),
+            (json!({">": ["a", 1]}), json!({}), json!(false)),
+            (json!({"<=": ["a", 1]}), json!({}), json!(false)),
+            (json!({"<": [null, 1]}), json!({}), json!(true)),
+            (json!({"<": [1]}), json!({}), json!(false)),
+            (
+                json!({">": [{"var": "age"}, 17]}),
+                json!({"age": 18}),
+                json!(true),
+            ),
+        ]);
+    }
+
+    #[test]
+    fn arithmetic_follows_json_logic_js() {
+        check(&[
+            (json!({"+": [1, "2", 3.5]}), json!({}), json!(6.5)),
+            (json!({"+": ["12px", 1]}), json!({}), json!(13)),
+            (json!({"+": "5"}), json!({}), json!(5)),
+            (json!({"+": []}), json!({}), json!(0)),
+            (json!({"+": [true, 1]}), json!({}), json!(null)),
+            (json!({"*": [2, "3"]}), json!({}), json!(6)),
+            (json!({"*": ["7"]}), json!({}), json!("7")),
+            (json!({"-": [5, "2"]}), json!({}), json!(3)),
+            (json!({"-": [5]}), json!({}), json!(-5)),
+            (json!({"-": [null, 1]}), json!({}), json!(-1)),
+            (json!({"/": [7, 2]}), json!({}), json!(3.5)),
+            (json!({"/": [1, 0]}), json!({}), json!(null)),
+            (json!({"%": [-7, 3]}), json!({}), json!(-1)),
+            (json!({"min": [3, "1", 2]}), json!({}), json!(1)),
+            (json!({"max": [3, 1, 2]}), json!({}), json!(3)),
+            (json!({"max": [3, "x"]}), json!({}), json!(null)),
+            (json!({"min": []}), json!({}), json!(null)),
+        ]);
+    }
+
+    #[test]
+    fn strings_in_cat_and_substr() {
+        check(&[
+            (json!({"in": ["ell", "hello"]}), json!({}), json!(true)),
+            (json!({"in": [1, "a1"]}), json!({}), json!(true)),
+            (json!({"in": ["", ""]}), json!({}), json!(false)),
+            (json!({"in": ["b", ["a", "b"]]}), json!({}), json!(true)),
+            (json!({"in": [1, ["1"]]}), json!({}), json!(false)),
+            (json!({"in": ["a", 5]}), json!({}), json!(false)),
+            (
+                json!({"in": [{"var": "c"}, ["NZ", "IE"]]}),
+                json!({"c": "IE"}),
+                json!(true),
+            ),
+            (
+                json!({"cat": ["a", 1, null, true, [1, [2, 3]], 1.5]}),
+                json!({}),
+                json!("a1nulltrue1,2,31.5"),
+            ),
+            (
+                json!({"substr": ["jsonlogic", 4]}),
+                json!({}),
+                json!("logic"),
+            ),
+            (
+                json!({"substr": ["jsonlogic", -5]}),
+                json!({}),
+                json!("logic"),
+            ),
+            (
+                json!({"substr": ["jsonlogic", 1, 3]}),
+                json!({}),
+                json!("son"),
+            ),
+            (
+                json!({"substr": ["jsonlogic", 4, -2]}),
+                json!({}),
+                json!("log"),
+            ),
+            (json!({"substr": ["héllo", 1, 2]}), json!({}), json!("él")),
+            (json!({"substr": ["abc", 1, null]}), json!({}), json!("")),
+        ]);
+    }
+
+    #[test]
+    fn array_operations_scope_var_to_the_element() {
+        let data = json!({"xs": [1, 2, 3, 4], "users": [{"age": 30}, {"age": 12}]});
+        check(&[
+            (
+                json!({"merge": [[1, 2], 3, [[4]]]}),
+                json!({}),
+                json!([1, 2, 3, [4]]),
+            ),
+            (
+                json!({"map": [{"var": "xs"}, {"*": [{"var": ""}, 2]}]}),
+                data.clone(),
+                json!([2, 4, 6, 8]),
+            ),
+            (
+                json!({"filter": [{"var": "xs"}, {">": [{"var": ""}, 2]}]}),
+                data.clone(),
+                json!([3, 4]),
+            ),
+            (
+                json!({"reduce": [{"var": "xs"}, {"+": [{"var": "current"}, {"var": "accumulator"}]}, 10]}),
+                data.clone(),
+                json!(20),
+            ),
+            (
+                json!({"reduce": [{"var": "nope"}, {"+": [1, 1]}, 7]}),
+                data.clone(),
+                json!(7),
+            ),
+            (
+                json!({"all": [{"var": "xs"}, {">": [{"var": ""}, 0]}]}),
+                data.clone(),
+                json!(true),
+            ),
+            (json!({"all": [[], true]}), data.clone(), json!(false)),
+            (
+                json!({"some": [{"var": "users"}, {"<": [{"var": "age"}, 18]}]}),
+                data.clone(),
+                json!(true),
+            ),
+            (
+                json!({"none": [{"var": "users"}, {">": [{"var": "age"}, 65]}]}),
+                data.clone(),
+                json!(true),
+            ),
+            (json!({"map": [5, 1]}), data, json!([])),
+        ]);
+    }
+
+    #[test]
+    fn starts_with_and_ends_with_need_two_strings() {
+        check(&[
+            (
+                json!({"starts_with": [{"var": "email"}, "ann"]}),
+                json!({"email": "ann@x.io"}),
+                json!(true),
+            ),
+            (
+                json!({"ends_with": [{"var": "email"}, "@x.io"]}),
+                json!({"email": "ann@x.io"}),
+                json!(true),
+            ),
+            (
+                json!({"ends_with": [{"var": "email"}, "@y.io"]}),
+                json!({"email": "ann@x.io"}),
+                json!(false),
+            ),
+            (
+                json!({"starts_with": [{"var": "n"}, "1"]}),
+                json!({"n": 12}),
+                json!(null),
+            ),
+            (json!({"starts_with": ["a"]}), json!({}), json!(null)),
+            (
+                json!({"ends_with": ["a", "a", "a"]}),
+                json!({}),
+                json!(null),
+            ),
+        ]);
+    }
+
+    #[test]
+    fn sem_ver_compares_like_flagd() {
+        let v = |ver: &str| json!({"v": ver});
+        check(&[
+            (
+                json!({"sem_ver": [{"var": "v"}, ">=", "1.2.0"]}),
+                v("1.10.0"),
+                json!(true),
+            ),
+            (
+                json!({"sem_ver": [{"var": "v"}, "<", "1.2.0"]}),
+                v("v1.1.9"),
+                json!(true),
+            ),
+            (
+                json!({"sem_ver": [{"var": "v"}, "=", "1.2.3"]}),
+                v("1.2.3+build"),
+                json!(true),
+            ),
+            (
+                json!({"sem_ver": [{"var": "v"}, "!=", "1.2.3"]}),
+                v("1.2.3-rc.1"),
+                json!(true),
+            ),
+            (
+                json!({"sem_ver": [{"var": "v"}, ">", "1.2"]}),
+                v("1.2.1"),
+                json!(true),
+            ),
+            (
+                json!({"sem_ver": [{"var": "v"}, "<=", "2"]}),
+                v("2.0.0"),
+                json!(true),
+            ),
+            (
+                json!({"sem_ver": [{"var": "v"}, "^", "1.0.0"]}),
+                v("1.9.9"),
+                json!(true),
+            ),
+            (
+                json!({"sem_ver": [{"var": "v"}, "~", "1.2.0"]}),
+                v("1.3.0"),
+                json!(false),
+            ),
+            (
+                json!({"sem_ver": [{"var": "v"}, ">=", "1.2.0"]}),
+                v("not-a-version"),
+                json!(null),
+            ),
+            (
+                json!({"sem_ver": [{"var": "v"}, "=>", "1.2.0"]}),
+                v("1.2.0"),
+                json!(null),
+            ),
+            (
+                json!({"sem_ver": [{"var": "v"}, ">=", "1.2.x"]}),
+                v("1.2.0"),
+                json!(null),
+            ),
+            (
+                json!({"sem_ver": [{"var": "v"}, {"cat": [">", "="]}, {"var": "t"}]}),
+                json!({"v": "2.0.0", "t": "1.0.0"}),
+                json!(true),
+            ),
+            (
+                json!({"sem_ver": [{"var": "v"}, "^1.0.0"]}),
+                v("1.0.0"),
+                json!(null),
+            ),
+            (
+                json!({"sem_ver": [{"var": "n"}, ">", 1.1]}),
+                json!({"n": 1.2}),
+                json!(true),
+            ),
+        ]);
+    }
+
+    /// Bucket assignments published in flagd's own evaluator tests (core/pkg/evaluator).
+    #[test]
+    fn fractional_matches_flagds_published_assignments() {
+        let four = |bucket: Value| json!({"fractional": [bucket, ["red", 25], ["blue", 25], ["green", 25], ["yellow", 25]]});
+        let by_flag_key = |email: &str| {
+            let rule = four(json!({"cat": [{"var": "$flagd.flagKey"}, {"var": "email"}]}));
+            let ctx = EvaluationContext::from_value(&json!({"email": email}), 0).unwrap();
+            let compiled =
+                Rule::compile(&rule, &IndexMap::new(), &CompileOptions::default()).unwrap();
+            compiled.evaluate(&Env::new("headerColor", &ctx)).to_value()
+        };
+        assert_eq!(by_flag_key("rachel@faas.com"), json!("blue"));
+        assert_eq!(by_flag_key("monica@faas.com"), json!("yellow"));
+        assert_eq!(by_flag_key("joey@faas.com"), json!("red"));
+        assert_eq!(by_flag_key("ross@faas.com"), json!("blue"));
+        let seeded = four(json!({"cat": ["my-seed", {"var": "email"}]}));
+        for (email, want) in [
+            ("rachel@faas.com", "green"),
+            ("monica@faas.com", "red"),
+            ("joey@faas.com", "blue"),
+            ("ross@faas.com", "green"),
+        ] {
+            assert_eq!(
+                eval(seeded.clone(), json!({"email": email})),
+                json!(want),
+                "{email}"
+            );
+        }
+        assert_eq!(
+            eval(
+                four(json!({"var": "email"})),
+                json!({"email": "ross@faas.com"})
+            ),
+            json!("red")
+        );
+        assert_eq!(
+            eval(
+                json!({"fractional": ["email", ["red", 50], ["blue", 25], ["green", 25]]}),
+                json!({"email": "test4@faas.com"})
+            ),
+            json!("green")
+        );
+        for rule in [
+            json!({"fractional": [{"var": "email"}, ["red", 25], ["blue", 25]]}),
+            json!({"fractional": [{"var": "email"}, ["red"], ["blue"]]}),
+        ] {
+            assert_eq!(eval(rule, json!({"email": "foo@foo.com"})), json!("blue"));
+        }
+    }
+
+    #[test]
+    fn fractional_defaults_to_flag_key_and_targeting_key() {
+        let header = |rule: Value, data: Value| {
+            let ctx = EvaluationContext::from_value(&data, 0).unwrap();
+            let compiled =
+                Rule::compile(&rule, &IndexMap::new(), &CompileOptions::default()).unwrap();
+            compiled.evaluate(&Env::new("headerColor", &ctx)).to_value()
+        };
+        // flagd: "default to targetingKey if no bucket key provided" and "missing email".
+        let tk = json!({"targetingKey": "foo@foo.com"});
+        assert_eq!(
+            header(
+                json!({"fractional": [["blue", 50], ["green", 50]]}),
+                tk.clone()
+            ),
+            json!("green")
+        );
+        assert_eq!(
+            header(
+                json!({"fractional": [{"var": "email"}, ["red", 50], ["blue", 50]]}),
+                tk
+            ),
+            json!("blue")
+        );
+        for data in [
+            json!({}),
+            json!({"targetingKey": ""}),
+            json!({"targetingKey": 5}),
+        ] {
+            assert_eq!(
+                header(
+                    json!({"fractional": [["blue", 50], ["green", 50]]}),
+                    data.clone()
+                ),
+                json!(null),
+                "{data}"
+            );
+        }
+    }
+
+    #[test]
+    fn fractional_weights_can_be_expressions_and_variants_nested_rules() {
+        let rule = json!({"fractional": [
+            {"var": "id"},
+            [{"if": [{"var": "beta"}, "new", "old"]}, {"*": [{"var": "pct"}, 1]}],
+            ["control", {"-": [100, {"var": "pct"}]}]
+        ]});
+        // With 100% on the first arm, every user gets it.
+        for id in ["a", "b", "c", "d"] {
+            assert_eq!(
+                eval(rule.clone(), json!({"id": id, "beta": true, "pct": 100})),
+                json!("new")
+            );
+            assert_eq!(
+                eval(rule.clone(), json!({"id": id, "beta": false, "pct": 100})),
+                json!("old")
+            );
+            // A negative weight clamps to 0: 120% on the first arm gives -20 to control.
+            assert_eq!(
+                eval(rule.clone(), json!({"id": id, "beta": true, "pct": 120})),
+                json!("new")
+            );
+            assert_eq!(
+                eval(rule.clone(), json!({"id": id, "beta": true, "pct": 0})),
+                json!("control")
+            );
+        }
+        // Invalid input answers null.
+        for bad in [
+            json!({"fractional": [{"var": "id"}, ["a", 1.5]]}),
+            json!({"fractional": [{"var": "id"}, ["a", "10"]]}),
+            json!({"fractional": [{"var": "id"}, ["a", 2147483647], ["b", 1]]}),
+            json!({"fractional": [{"var": "id"}, "a"]}),
+            json!({"fractional": [{"var": "id"}]}),
+            json!({"fractional": [5, ["a", 1]]}),
+            json!({"fractional": "x"}),
+        ] {
+            assert_eq!(
+                eval(bad.clone(), json!({"id": "u", "targetingKey": "t"})),
+                json!(null),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn fractional_v1_buckets_by_percentage() {
+        // Independent check of the v1 arithmetic: hash → |i32| / i32::MAX * 100.
+        let key = "flagu1";
+        let hash = fractional::BucketKey::Given(key).hash();
+        let pct = fractional::bucket_v1(hash);
+        let want = if pct < 30.0 { "a" } else { "b" };
+        let rule = json!({"fractional": [["a", 30], ["b", 70]]});
+        assert_eq!(
+            eval_with(rule, json!({"targetingKey": "u1"}), FractionalBucketing::V1),
+            json!(want)
+        );
     }
 }

@@ -1,0 +1,218 @@
+//! flagd's `fractional` operation: deterministic percentage splits by murmur3 hash.
+//!
+//! Derived from flagd's specification and evaluator: each distribution is `[variant, weight?]`
+//! (variant a string, boolean, number or null; weight an integer, 1 when left out or null,
+//! negative weights clamped to 0, each and their sum at most `i32::MAX`); anything else makes the
+//! operation answer null. The bucketing string is hashed with murmur3_x86_32 (seed 0) over its
+//! UTF-8 bytes.
+
+use std::io::{Cursor, Read};
+
+use serde_json::Value;
+
+use crate::compiled::FractionalBucketing;
+use crate::val::Val;
+
+/// Largest weight, and largest sum of weights, flagd accepts.
+pub(crate) const MAX_WEIGHT_SUM: u64 = i32::MAX as u64;
+
+/// The string a user is bucketed by.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum BucketKey<'k> {
+    /// The value of the rule's bucketing expression.
+    Given(&'k str),
+    /// flagd's default: the flag key followed by the targeting key (hashed without building the
+    /// concatenation).
+    FlagAndTargeting(&'k str, &'k str),
+}
+
+impl BucketKey<'_> {
+    pub(crate) fn hash(&self) -> u32 {
+        let r = match self {
+            BucketKey::Given(s) => murmur3::murmur3_32(&mut Cursor::new(s.as_bytes()), 0),
+            BucketKey::FlagAndTargeting(f, t) => {
+                murmur3::murmur3_32(&mut f.as_bytes().chain(t.as_bytes()), 0)
+            }
+        };
+        // Reading from memory cannot fail.
+        r.unwrap_or(0)
+    }
+}
+
+/// Parsed distributions: variants with their weights.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Distribution {
+    variants: Vec<Value>,
+    weights: Vec<u32>,
+    total: u64,
+}
+
+impl Distribution {
+    /// Parses evaluated distribution arguments as flagd does; `None` when any is invalid (the
+    /// operation then answers null). At least one distribution is required.
+    pub(crate) fn parse(args: &[Val<'_>]) -> Option<Distribution> {
+        if args.is_empty() {
+            return None;
+        }
+        let mut variants = Vec::with_capacity(args.len());
+        let mut weights = Vec::with_capacity(args.len());
+        let mut total = 0u64;
+        for arg in args {
+            let items = arg.array_items()?;
+            let variant = match items.first()? {
+                v @ (Val::Str(_) | Val::String(_) | Val::Bool(_) | Val::Num(_) | Val::Null) => {
+                    v.to_value()
+                }
+                _ => return None,
+            };
+            let weight = match items.get(1) {
+                None | Some(Val::Null) => 1,
+                Some(Val::Num(w)) => {
+                    if w.fract() != 0.0 || w.is_nan() {
+                        return None;
+                    }
+                    if *w > MAX_WEIGHT_SUM as f64 {
+                        return None;
+                    }
+                    // Negative weights come out of rollout arithmetic; flagd clamps them.
+                    if *w < 0.0 {
+                        0
+                    } else {
+                        *w as u32
+                    }
+                }
+                Some(_) => return None,
+            };
+            total += u64::from(weight);
+            variants.push(variant);
+            weights.push(weight);
+        }
+        if total > MAX_WEIGHT_SUM {
+            return None;
+        }
+        Some(Distribution {
+            variants,
+            weights,
+            total,
+        })
+    }
+
+    /// The variant `key` falls into; null when every weight is 0.
+    pub(crate) fn choose(&self, key: &BucketKey<'_>, bucketing: FractionalBucketing) -> Val<'_> {
+        if self.total == 0 {
+            return Val::Null;
+        }
+        let hash = key.hash();
+        let index = match bucketing {
+            FractionalBucketing::V2 => {
+                let bucket = bucket_v2(hash, self.total);
+                let mut end = 0u64;
+                self.weights.iter().position(|&w| {
+                    end += u64::from(w);
+                    bucket < end
+                })
+            }
+            FractionalBucketing::V1 => {
+                let bucket = bucket_v1(hash);
+                let mut end = 0f64;
+                let total = self.total as f64;
+                self.weights.iter().position(|&w| {
+                    end += 100.0 * f64::from(w) / total;
+                    bucket < end
+                })
+            }
+        };
+        match index {
+            Some(i) => Val::from_json(&self.variants[i]),
+            // v1 only: a hash of i32::MIN lands past 100%, where flagd's old code answered "".
+            None => Val::Str(""),
+        }
+    }
+}
+
+/// flagd's current ("v2") bucket: the hash scaled to `[0, total)` in exact integer arithmetic.
+pub(crate) fn bucket_v2(hash: u32, total: u64) -> u64 {
+    (u64::from(hash) * total) >> 32
+}
+
+/// flagd's earlier ("v1") bucket: `|i32(hash)| / i32::MAX` as a percentage in `[0, 100]`.
+pub(crate) fn bucket_v1(hash: u32) -> f64 {
+    let signed = hash as i32;
+    (f64::from(signed).abs() / f64::from(i32::MAX)) * 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(s: &str, seed: u32) -> u32 {
+        murmur3::murmur3_32(&mut Cursor::new(s.as_bytes()), seed).unwrap()
+    }
+
+    #[test]
+    fn murmur3_matches_published_x86_32_vectors() {
+        // Vectors from the reference implementation's commonly cited test list (SMHasher).
+        assert_eq!(h("", 0), 0);
+        assert_eq!(h("", 1), 0x514E_28B7);
+        assert_eq!(h("", 0xffff_ffff), 0x81F1_6F39);
+        assert_eq!(h("\0\0\0\0", 0), 0x2362_F9DE);
+        assert_eq!(h("aaaa", 0x9747_b28c), 0x5A97_808A);
+        assert_eq!(h("Hello, world!", 0x9747_b28c), 0x2488_4CBA);
+        assert_eq!(
+            h("The quick brown fox jumps over the lazy dog", 0x9747_b28c),
+            0x2FA8_26CD
+        );
+    }
+
+    #[test]
+    fn default_bucket_key_hashes_the_concatenation() {
+        let joined = BucketKey::Given("headerColorfoo@foo.com").hash();
+        let split = BucketKey::FlagAndTargeting("headerColor", "foo@foo.com").hash();
+        assert_eq!(joined, split);
+    }
+
+    #[test]
+    fn v2_bucket_spans_the_whole_weight_range() {
+        assert_eq!(bucket_v2(0, 100), 0);
+        assert_eq!(bucket_v2(u32::MAX, 100), 99);
+        assert_eq!(bucket_v2(u32::MAX, MAX_WEIGHT_SUM), MAX_WEIGHT_SUM - 1);
+        assert_eq!(bucket_v2(1 << 31, 2), 1);
+    }
+
+    #[test]
+    fn weights_are_validated_as_flagd_does() {
+        let parse = |v: serde_json::Value| {
+            let items: Vec<Val<'static>> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .cloned()
+                .map(Val::from_owned_json)
+                .collect();
+            Distribution::parse(&items)
+        };
+        let d = parse(serde_json::json!([
+            ["a", -5],
+            ["b"],
+            ["c", null],
+            ["d", 2.0]
+        ]))
+        .unwrap();
+        assert_eq!(d.weights, vec![0, 1, 1, 2]);
+        assert_eq!(d.total, 4);
+        assert!(parse(serde_json::json!([["a", 1.5]])).is_none());
+        assert!(parse(serde_json::json!([["a", "1"]])).is_none());
+        assert!(parse(serde_json::json!([[{"x": 1}, 1]])).is_none());
+        assert!(parse(serde_json::json!([[]])).is_none());
+        assert!(parse(serde_json::json!(["a"])).is_none());
+        assert!(parse(serde_json::json!([])).is_none());
+        assert!(parse(serde_json::json!([["a", 2147483647]])).is_some());
+        assert!(parse(serde_json::json!([["a", 2147483648u64]])).is_none());
+        assert!(parse(serde_json::json!([["a", 2147483647], ["b", 1]])).is_none());
+        let zero = parse(serde_json::json!([["a", 0], ["b", -1]])).unwrap();
+        assert!(matches!(
+            zero.choose(&BucketKey::Given("x"), FractionalBucketing::V2),
+            Val::Null
+        ));
+    }
+}

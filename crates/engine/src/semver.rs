@@ -1,0 +1,283 @@
+//! flagd's `sem_ver` operation: Go's `golang.org/x/mod/semver` rules, which flagd uses.
+//!
+//! A version is `v`MAJOR[.MINOR[.PATCH[-PRERELEASE][+BUILD]]] after flagd's normalisation (a
+//! missing `v` is added, a leading `V` becomes `v`); `v1` and `v1.2` stand for `v1.0.0` and
+//! `v1.2.0`; numbers have no leading zeros; build metadata is ignored in comparisons. `^` matches
+//! on the major version and `~` on major and minor (prereleases ignored), as flagd defines them —
+//! not npm's caret and tilde ranges. The `semver` crate follows Cargo's rules (no partial versions,
+//! no `v`), so this is written out here.
+
+use std::cmp::Ordering;
+
+use crate::val::Val;
+
+/// A parsed version; numbers kept as digit strings so any size compares correctly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Version {
+    major: Box<str>,
+    minor: Box<str>,
+    patch: Box<str>,
+    /// Prerelease identifiers; empty for a release.
+    pre: Vec<Box<str>>,
+}
+
+/// The comparison of `sem_ver`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SemverOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Ge,
+    Gt,
+    /// `^`: same major version.
+    Major,
+    /// `~`: same major and minor version.
+    Minor,
+}
+
+impl SemverOp {
+    pub(crate) fn parse(s: &str) -> Option<SemverOp> {
+        Some(match s {
+            "=" => SemverOp::Eq,
+            "!=" => SemverOp::Ne,
+            "<" => SemverOp::Lt,
+            "<=" => SemverOp::Le,
+            ">=" => SemverOp::Ge,
+            ">" => SemverOp::Gt,
+            "^" => SemverOp::Major,
+            "~" => SemverOp::Minor,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn apply(self, a: &Version, b: &Version) -> bool {
+        match self {
+            SemverOp::Eq => a.cmp(b) == Ordering::Equal,
+            SemverOp::Ne => a.cmp(b) != Ordering::Equal,
+            SemverOp::Lt => a.cmp(b) == Ordering::Less,
+            SemverOp::Le => a.cmp(b) != Ordering::Greater,
+            SemverOp::Ge => a.cmp(b) != Ordering::Less,
+            SemverOp::Gt => a.cmp(b) == Ordering::Greater,
+            SemverOp::Major => a.major == b.major,
+            SemverOp::Minor => a.major == b.major && a.minor == b.minor,
+        }
+    }
+}
+
+impl Version {
+    /// A `sem_ver` argument as flagd reads it: strings as they are, other values as Go's `%v`
+    /// prints them (so `1.2` is `v1.2`, and `true` or `null` are invalid).
+    pub(crate) fn from_val(v: &Val<'_>) -> Option<Version> {
+        match v {
+            Val::Str(s) => Version::normalize_and_parse(s),
+            Val::String(s) => Version::normalize_and_parse(s),
+            Val::Num(n) => Version::normalize_and_parse(&go_float_text(*n)?),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn normalize_and_parse(s: &str) -> Option<Version> {
+        match s.strip_prefix('v') {
+            Some(rest) => Version::parse_unprefixed(rest),
+            None => Version::parse_unprefixed(s.strip_prefix('V').unwrap_or(s)),
+        }
+    }
+
+    fn parse_unprefixed(v: &str) -> Option<Version> {
+        let (major, rest) = parse_int(v)?;
+        let Some(rest) = rest.strip_prefix('.') else {
+            return rest
+                .is_empty()
+                .then(|| Version::new(major, "0", "0", vec![]));
+        };
+        let (minor, rest) = parse_int(rest)?;
+        let Some(rest) = rest.strip_prefix('.') else {
+            return rest
+                .is_empty()
+                .then(|| Version::new(major, minor, "0", vec![]));
+        };
+        let (patch, mut rest) = parse_int(rest)?;
+        let mut pre = Vec::new();
+        if let Some(p) = rest.strip_prefix('-') {
+            let end = p.find('+').unwrap_or(p.len());
+            for ident in p[..end].split('.') {
+                let numeric = !ident.is_empty() && ident.bytes().all(|b| b.is_ascii_digit());
+                if !valid_ident(ident) || (numeric && ident.len() > 1 && ident.starts_with('0')) {
+                    return None;
+                }
+                pre.push(Box::from(ident));
+            }
+            rest = &p[end..];
+        }
+        if let Some(build) = rest.strip_prefix('+') {
+            if !build.split('.').all(valid_ident) {
+                return None;
+            }
+            rest = "";
+        }
+        rest.is_empty()
+            .then(|| Version::new(major, minor, patch, pre))
+    }
+
+    fn new(major: &str, minor: &str, patch: &str, pre: Vec<Box<str>>) -> Version {
+        Version {
+            major: major.into(),
+            minor: minor.into(),
+            patch: patch.into(),
+            pre,
+        }
+    }
+}
+
+impl PartialOrd for Version {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Version {
+    fn cmp(&self, other: &Self) -> Ordering {
+        cmp_num(&self.major, &other.major)
+            .then_with(|| cmp_num(&self.minor, &other.minor))
+            .then_with(|| cmp_num(&self.patch, &other.patch))
+            .then_with(|| cmp_pre(&self.pre, &other.pre))
+    }
+}
+
+/// Digit strings without leading zeros compare by length, then lexically.
+fn cmp_num(a: &str, b: &str) -> Ordering {
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
+fn cmp_pre(a: &[Box<str>], b: &[Box<str>]) -> Ordering {
+    match (a.is_empty(), b.is_empty()) {
+        (true, true) => return Ordering::Equal,
+        // A release sorts after its prereleases.
+        (true, false) => return Ordering::Greater,
+        (false, true) => return Ordering::Less,
+        _ => {}
+    }
+    for (x, y) in a.iter().zip(b) {
+        if x == y {
+            continue;
+        }
+        let (nx, ny) = (is_num(x), is_num(y));
+        return match (nx, ny) {
+            (true, false) => Ordering::Less,
+            (false, true) => Ordering::Greater,
+            (true, true) => cmp_num(x, y),
+            (false, false) => x.cmp(y),
+        };
+    }
+    a.len().cmp(&b.len())
+}
+
+fn is_num(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn valid_ident(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Leading digits of `v` (at least one, no leading zero unless the number is 0) and the rest.
+fn parse_int(v: &str) -> Option<(&str, &str)> {
+    let end = v
+        .bytes()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(v.len());
+    let digits = &v[..end];
+    if digits.is_empty() || (digits.len() > 1 && digits.starts_with('0')) {
+        return None;
+    }
+    Some((digits, &v[end..]))
+}
+
+/// Go's `fmt.Sprintf("%v", f)` for the numbers that can read as a version: plain decimals with
+/// no exponent. Go switches to an exponent from 1e6 up (and below 1e-4), which no version
+/// parses, so those give `None`.
+fn go_float_text(n: f64) -> Option<String> {
+    if n == 0.0 {
+        return Some("0".into());
+    }
+    if !(1e-4..1e6).contains(&n) {
+        return None;
+    }
+    Some(format!("{n}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Version {
+        Version::normalize_and_parse(s).unwrap_or_else(|| panic!("{s} should parse"))
+    }
+
+    #[test]
+    fn versions_accept_v_prefix_and_partial_forms() {
+        assert_eq!(v("1.2.3"), v("v1.2.3"));
+        assert_eq!(v("V1.2.3"), v("v1.2.3"));
+        assert_eq!(v("1"), v("1.0.0"));
+        assert_eq!(v("1.2"), v("1.2.0"));
+    }
+
+    #[test]
+    fn invalid_versions_are_refused() {
+        for bad in [
+            "",
+            "v",
+            "1.2.3.4",
+            "01.2.3",
+            "1.02.3",
+            "1.2.3-",
+            "1.2.3-01",
+            "1.2-pre",
+            "1.2.3+",
+            "1.2.3-a..b",
+            "x1.2.3",
+            "vv1.2.3",
+            "1.2.3 ",
+            "-1.2.3",
+            "1.2.3+a_b",
+        ] {
+            assert!(
+                Version::normalize_and_parse(bad).is_none(),
+                "{bad:?} should not parse"
+            );
+        }
+    }
+
+    #[test]
+    fn build_metadata_is_ignored_and_prereleases_sort_first() {
+        assert_eq!(v("1.2.3+build.5").cmp(&v("1.2.3")), Ordering::Equal);
+        assert!(v("1.2.3-alpha") < v("1.2.3"));
+        assert!(v("1.2.3-alpha") < v("1.2.3-alpha.1"));
+        assert!(v("1.2.3-alpha.1") < v("1.2.3-alpha.beta"));
+        assert!(v("1.2.3-2") < v("1.2.3-10"));
+        assert!(v("1.2.3-beta") < v("1.2.3-rc.1"));
+        assert!(v("1.10.0") > v("1.9.9"));
+        assert!(v("10000000000000000000000.0.0") > v("9.0.0"));
+    }
+
+    #[test]
+    fn caret_and_tilde_compare_major_and_minor_only() {
+        assert!(SemverOp::Major.apply(&v("1.9.0"), &v("1.0.0")));
+        assert!(!SemverOp::Major.apply(&v("2.0.0"), &v("1.0.0")));
+        assert!(SemverOp::Major.apply(&v("0.9.0"), &v("0.1.0")));
+        assert!(SemverOp::Minor.apply(&v("1.2.9"), &v("1.2.0")));
+        assert!(!SemverOp::Minor.apply(&v("1.3.0"), &v("1.2.0")));
+        assert!(SemverOp::Minor.apply(&v("1.2.0-rc.1"), &v("1.2.5")));
+    }
+
+    #[test]
+    fn numbers_read_as_go_prints_them() {
+        assert_eq!(Version::from_val(&Val::Num(1.2)), Some(v("1.2.0")));
+        assert_eq!(Version::from_val(&Val::Num(3.0)), Some(v("3.0.0")));
+        assert_eq!(Version::from_val(&Val::Num(1.05)), None);
+        assert_eq!(Version::from_val(&Val::Num(2_000_000.0)), None);
+        assert_eq!(Version::from_val(&Val::Bool(true)), None);
+        assert_eq!(Version::from_val(&Val::Null), None);
+    }
+}
