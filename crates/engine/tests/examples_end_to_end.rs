@@ -1,6 +1,9 @@
 //! The flag files under `examples/` compiled and evaluated through the public API, as the node
 //! and the README's run command use them.
 
+// An integration test: failing loudly on a broken fixture is the point.
+#![allow(clippy::unwrap_used)]
+
 use std::io::Cursor;
 
 use bunting_engine::{
