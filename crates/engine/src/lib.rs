@@ -15,6 +15,8 @@ mod compiled;
 mod context;
 mod error;
 mod fractional;
+#[cfg(test)]
+mod proptests;
 mod resolution;
 mod rule;
 mod semver;

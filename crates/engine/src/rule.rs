@@ -161,6 +161,7 @@ impl Rule {
         let mut c = Compiler {
             evaluators,
             visiting: Vec::new(),
+            nodes: 0,
         };
         Ok(Rule {
             root: c.compile(rule, 0)?,
@@ -178,9 +179,14 @@ impl Rule {
     }
 }
 
+/// Most nodes one rule may expand to. `$ref`s shared many times over can make a short document
+/// expand exponentially; this bounds the memory and time one rule can cost.
+pub(crate) const MAX_RULE_NODES: usize = 100_000;
+
 struct Compiler<'e> {
     evaluators: &'e IndexMap<String, Value>,
     visiting: Vec<String>,
+    nodes: usize,
 }
 
 impl Compiler<'_> {
@@ -188,6 +194,12 @@ impl Compiler<'_> {
         if depth > MAX_RULE_DEPTH * 2 {
             return Err(format!(
                 "rule nests deeper than the limit of {MAX_RULE_DEPTH}"
+            ));
+        }
+        self.nodes += 1;
+        if self.nodes > MAX_RULE_NODES {
+            return Err(format!(
+                "rule expands to more than {MAX_RULE_NODES} operations after $ref expansion"
             ));
         }
         match v {
