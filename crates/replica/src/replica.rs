@@ -1,0 +1,757 @@
+//! The sans-IO replication core: many flag sets, one Automerge sync state per (peer, flag set).
+//!
+//! Methods come in quinn-proto's four kinds: getters; `handle_*` for inputs (a frame from a peer, a
+//! timeout, a persistence confirmation); commands (a local write, adding a peer); and `poll_*` for
+//! outputs (frames to send, the next timer, events), each `#[must_use]`.
+//!
+//! Persist before ack, persist before send: a local write's changes go out as a
+//! [`Event::PersistRequest`]; only when the driver calls [`Replica::persisted`] is the write
+//! acknowledged and are sync messages for that flag set generated again. Changes received from
+//! peers are applied at once (their origin has stored them) and also handed to the driver to
+//! store, since a node must keep what it applies.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{Automerge, ChangeHash};
+
+use crate::command::{Write, WriteMeta};
+use crate::doc::{FlagSetDoc, Identity};
+use crate::wire::{self, FrameKind};
+use crate::Error;
+
+/// A point in time on the driver's clock, in milliseconds. The replica never reads a clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    /// This time plus `ms` milliseconds (saturating).
+    pub fn plus_millis(self, ms: u64) -> Timestamp {
+        Timestamp(self.0.saturating_add(ms))
+    }
+}
+
+/// A peer node, named by its stable node id (sync states are kept per peer across restarts).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerId(pub String);
+
+/// Names one local write, so its acknowledgement can be matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WriteId(pub u64);
+
+/// Names one persist request, confirmed with [`Replica::persisted`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PersistId(pub u64);
+
+/// Planted bugs, for the simulator only: it must show that it catches each of them. All off by
+/// default; never turn one on outside tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// TEST ONLY. Acknowledge a local write at once, before the driver confirms persistence.
+    pub ack_before_persist: bool,
+    /// TEST ONLY. Send local changes to peers before they are persisted, and write with the same
+    /// actor id (incarnation 0) after every restart: a crash then makes one actor reuse a sequence
+    /// number for a different change.
+    pub send_before_persist_and_reuse_actor: bool,
+    /// TEST ONLY. Drop the first sync message that carries changes to each (peer, flag set), and
+    /// never retry that peer in anti-entropy rounds.
+    pub drop_sync_message_without_retry: bool,
+    /// TEST ONLY. Never run anti-entropy rounds.
+    pub skip_anti_entropy: bool,
+}
+
+/// What a replica needs to know about itself; given by the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    /// This node's stable id.
+    pub node: String,
+    /// This node's region.
+    pub region: String,
+    /// A number that differs on every process start (e.g. a counter kept by the store, or the
+    /// start time): part of the Automerge actor id.
+    pub incarnation: u64,
+    /// How often every flag set is re-synced with every connected peer, in milliseconds; this
+    /// repairs lost messages.
+    pub anti_entropy_interval_ms: u64,
+    /// Largest frame sent or accepted.
+    pub max_frame_bytes: usize,
+    /// Most flag sets this replica holds; a peer cannot make it create more.
+    pub max_flag_sets: usize,
+    /// Planted bugs for the simulator; [`Faults::default`] (all off) everywhere else.
+    pub faults: Faults,
+}
+
+impl ReplicaConfig {
+    /// A configuration with the defaults: anti-entropy every 5 s, 32 MiB frames, 1,000 flag sets.
+    pub fn new(node: impl Into<String>, region: impl Into<String>, incarnation: u64) -> Self {
+        ReplicaConfig {
+            node: node.into(),
+            region: region.into(),
+            incarnation,
+            anti_entropy_interval_ms: 5_000,
+            max_frame_bytes: wire::DEFAULT_MAX_FRAME_BYTES,
+            max_flag_sets: 1_000,
+            faults: Faults::default(),
+        }
+    }
+
+    fn identity(&self) -> Identity {
+        Identity {
+            node: self.node.clone(),
+            region: self.region.clone(),
+            incarnation: if self.faults.send_before_persist_and_reuse_actor {
+                0
+            } else {
+                self.incarnation
+            },
+        }
+    }
+}
+
+/// What a node stored for one flag set, handed back to [`Replica::restore`] on start.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoredFlagSet {
+    pub name: String,
+    /// The latest compacted document (`FlagSetDoc::save`), if any.
+    pub snapshot: Option<Vec<u8>>,
+    /// Changes stored after that snapshot (or all of them), in any order.
+    pub changes: Vec<Vec<u8>>,
+    /// Encoded sync state per peer, so reconnecting peers catch up without a full transfer.
+    pub sync_states: Vec<(PeerId, Vec<u8>)>,
+}
+
+/// Something for the driver to store durably, then confirm with [`Replica::persisted`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersistRequest {
+    pub id: PersistId,
+    pub flag_set: String,
+    /// Encoded Automerge changes to append.
+    pub changes: Vec<Vec<u8>>,
+    /// Encoded sync states to overwrite, per peer.
+    pub sync_states: Vec<(PeerId, Vec<u8>)>,
+}
+
+/// What happened; drained with [`Replica::poll_event`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A flag set's document changed (local write or changes from a peer): recompile it.
+    FlagSetChanged {
+        flag_set: String,
+        heads: Vec<ChangeHash>,
+    },
+    /// Store this, then call [`Replica::persisted`].
+    PersistRequest(PersistRequest),
+    /// A local write is durable: answer the client.
+    WriteAcknowledged {
+        id: WriteId,
+        flag_set: String,
+        /// The changes the write made (empty when it changed nothing).
+        changes: Vec<ChangeHash>,
+    },
+    /// This peer has told us it holds exactly our heads of this flag set.
+    PeerSynced {
+        peer: PeerId,
+        flag_set: String,
+        heads: Vec<ChangeHash>,
+    },
+    /// A peer sent something malformed or unusable; nothing was applied from it. The driver may
+    /// close that connection.
+    ProtocolError { peer: PeerId, error: Error },
+}
+
+/// Sync with one peer about one flag set.
+#[derive(Debug, Default)]
+struct PeerSync {
+    state: sync::State,
+    /// Whether a `PeerSynced` was reported for the current heads (report each transition once).
+    reported_synced: bool,
+    /// `shared_heads` as last handed to the driver to persist.
+    persisted_shared: Vec<ChangeHash>,
+    /// Planted bug only: this peer's first change-carrying message was dropped and is not retried.
+    muted: bool,
+}
+
+#[derive(Debug)]
+struct FlagSetState {
+    doc: FlagSetDoc,
+    /// Sync state per known peer (connected or not), kept for reconnects.
+    peers: BTreeMap<PeerId, PeerSync>,
+    /// Persist requests holding local changes the driver has not yet confirmed; while non-zero
+    /// nothing about this flag set is sent.
+    unpersisted_local: usize,
+}
+
+#[derive(Debug)]
+struct Pending {
+    flag_set: String,
+    writes: Vec<(WriteId, Vec<ChangeHash>)>,
+    local: bool,
+}
+
+/// The replication state machine of one node.
+#[derive(Debug)]
+pub struct Replica {
+    config: ReplicaConfig,
+    identity: Identity,
+    sets: BTreeMap<String, FlagSetState>,
+    /// Peers the driver has a connection to now.
+    connected: BTreeSet<PeerId>,
+    pending: BTreeMap<PersistId, Pending>,
+    transmits: VecDeque<(PeerId, Vec<u8>)>,
+    events: VecDeque<Event>,
+    next_write: u64,
+    next_persist: u64,
+    next_anti_entropy: Timestamp,
+}
+
+impl Replica {
+    /// A replica with no flag sets, e.g. a node's first start.
+    pub fn new(config: ReplicaConfig, now: Timestamp) -> Replica {
+        let identity = config.identity();
+        let next_anti_entropy = now.plus_millis(config.anti_entropy_interval_ms);
+        Replica {
+            config,
+            identity,
+            sets: BTreeMap::new(),
+            connected: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            next_write: 0,
+            next_persist: 0,
+            next_anti_entropy,
+        }
+    }
+
+    /// A replica loaded from what the node stored. `config.incarnation` must be fresh (never used
+    /// before by this node). A snapshot or change that does not decode completely is an error; a
+    /// sync state that does not decode is dropped (it only saves bandwidth).
+    pub fn restore(
+        config: ReplicaConfig,
+        stored: Vec<StoredFlagSet>,
+        now: Timestamp,
+    ) -> Result<Replica, Error> {
+        let mut replica = Replica::new(config, now);
+        for set in stored {
+            if !wire::is_valid_flag_set_name(&set.name) {
+                return Err(Error::Load(format!(
+                    "flag set name {:?} is not valid",
+                    set.name
+                )));
+            }
+            let doc = FlagSetDoc::load(
+                set.snapshot.as_deref(),
+                &set.changes,
+                replica.identity.clone(),
+            )?;
+            let peers = set
+                .sync_states
+                .iter()
+                .filter_map(|(peer, bytes)| {
+                    let state = sync::State::decode(bytes).ok()?;
+                    Some((
+                        peer.clone(),
+                        PeerSync {
+                            persisted_shared: state.shared_heads.clone(),
+                            state,
+                            ..PeerSync::default()
+                        },
+                    ))
+                })
+                .collect();
+            replica.sets.insert(
+                set.name,
+                FlagSetState {
+                    doc,
+                    peers,
+                    unpersisted_local: 0,
+                },
+            );
+        }
+        Ok(replica)
+    }
+
+    // ---- getters ----
+
+    /// The configuration this replica runs with.
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.config
+    }
+
+    /// The identity (and so the actor id) this replica writes with.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// One flag set's document.
+    pub fn flag_set(&self, name: &str) -> Option<&FlagSetDoc> {
+        self.sets.get(name).map(|s| &s.doc)
+    }
+
+    /// Names of the flag sets held, sorted.
+    pub fn flag_set_names(&self) -> Vec<String> {
+        self.sets.keys().cloned().collect()
+    }
+
+    /// Peers connected now.
+    pub fn peers(&self) -> Vec<PeerId> {
+        self.connected.iter().cloned().collect()
+    }
+
+    /// Persist requests the driver has not confirmed yet.
+    pub fn pending_persists(&self) -> usize {
+        self.pending.len()
+    }
+
+    // ---- commands ----
+
+    /// Creates an empty flag set (also done implicitly by a write or by a peer's sync message).
+    pub fn create_flag_set(&mut self, name: &str, now: Timestamp) -> Result<(), Error> {
+        self.ensure_set(name)?;
+        let _ = now;
+        self.sync_set_with_all(name);
+        Ok(())
+    }
+
+    /// Applies an admin write to a flag set (created if new). The write is acknowledged with
+    /// [`Event::WriteAcknowledged`] only after the driver confirms its persist request.
+    pub fn handle_local_write(
+        &mut self,
+        flag_set: &str,
+        write: Write,
+        meta: WriteMeta,
+        now: Timestamp,
+    ) -> Result<WriteId, Error> {
+        let _ = now;
+        let existed = self.sets.contains_key(flag_set);
+        self.ensure_set(flag_set)?;
+        let set = self
+            .sets
+            .get_mut(flag_set)
+            .ok_or_else(|| Error::UnknownFlagSet(flag_set.to_owned()))?;
+        let before = set.doc.heads();
+        let result = set.doc.apply(&write, &meta);
+        let hashes = match result {
+            Ok(h) => h,
+            Err(e) => {
+                if !existed {
+                    // A refused first write leaves no empty flag set behind.
+                    self.sets.remove(flag_set);
+                }
+                return Err(e);
+            }
+        };
+        let id = WriteId(self.next_write);
+        self.next_write += 1;
+        if hashes.is_empty() {
+            self.events.push_back(Event::WriteAcknowledged {
+                id,
+                flag_set: flag_set.to_owned(),
+                changes: hashes,
+            });
+            return Ok(id);
+        }
+        let changes = set.doc.changes_since(&before);
+        let heads = set.doc.heads();
+        set.unpersisted_local += 1;
+        let sync_states = Self::dirty_sync_states(set);
+        let persist = self.new_persist_id();
+        let ack_now = self.config.faults.ack_before_persist;
+        self.pending.insert(
+            persist,
+            Pending {
+                flag_set: flag_set.to_owned(),
+                writes: if ack_now {
+                    Vec::new()
+                } else {
+                    vec![(id, hashes.clone())]
+                },
+                local: true,
+            },
+        );
+        self.events.push_back(Event::FlagSetChanged {
+            flag_set: flag_set.to_owned(),
+            heads,
+        });
+        self.events.push_back(Event::PersistRequest(PersistRequest {
+            id: persist,
+            flag_set: flag_set.to_owned(),
+            changes,
+            sync_states,
+        }));
+        if ack_now {
+            self.events.push_back(Event::WriteAcknowledged {
+                id,
+                flag_set: flag_set.to_owned(),
+                changes: hashes,
+            });
+        }
+        self.sync_set_with_all(flag_set);
+        Ok(id)
+    }
+
+    /// The driver stored persist request `id` durably.
+    pub fn persisted(&mut self, id: PersistId, now: Timestamp) -> Result<(), Error> {
+        let _ = now;
+        let pending = self
+            .pending
+            .remove(&id)
+            .ok_or(Error::UnknownPersist(id.0))?;
+        for (write, changes) in pending.writes {
+            self.events.push_back(Event::WriteAcknowledged {
+                id: write,
+                flag_set: pending.flag_set.clone(),
+                changes,
+            });
+        }
+        if pending.local {
+            if let Some(set) = self.sets.get_mut(&pending.flag_set) {
+                set.unpersisted_local = set.unpersisted_local.saturating_sub(1);
+            }
+            self.sync_set_with_all(&pending.flag_set);
+        }
+        Ok(())
+    }
+
+    /// A connection to `peer` is up: start syncing every flag set with it. Sync states kept from
+    /// earlier connections (or restored from storage) make the catch-up incremental.
+    pub fn add_peer(&mut self, peer: PeerId, now: Timestamp) {
+        let _ = now;
+        self.connected.insert(peer.clone());
+        let names: Vec<String> = self.sets.keys().cloned().collect();
+        for name in names {
+            if let Some(set) = self.sets.get_mut(&name) {
+                let ps = set.peers.entry(peer.clone()).or_default();
+                // A new connection is a new sync session: keep only what survives reconnects.
+                ps.state = fresh_session(&ps.state);
+                ps.reported_synced = false;
+            }
+            self.sync_set_with(&name, &peer);
+        }
+    }
+
+    /// The connection to `peer` is gone; its sync states are kept for when it comes back.
+    pub fn remove_peer(&mut self, peer: &PeerId) {
+        self.connected.remove(peer);
+        self.transmits.retain(|(p, _)| p != peer);
+    }
+
+    // ---- inputs ----
+
+    /// A frame from `peer`. Anything malformed, oversized or unusable yields
+    /// [`Event::ProtocolError`] and changes no document. Frames from peers not added are ignored.
+    pub fn handle_message(&mut self, peer: &PeerId, bytes: &[u8], now: Timestamp) {
+        let _ = now;
+        if !self.connected.contains(peer) {
+            return;
+        }
+        if let Err(error) = self.receive(peer, bytes) {
+            self.events.push_back(Event::ProtocolError {
+                peer: peer.clone(),
+                error,
+            });
+        }
+    }
+
+    /// Time passed: runs an anti-entropy round when one is due.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if now < self.next_anti_entropy {
+            return;
+        }
+        self.next_anti_entropy = now.plus_millis(self.config.anti_entropy_interval_ms.max(1));
+        if self.config.faults.skip_anti_entropy {
+            return;
+        }
+        let names: Vec<String> = self.sets.keys().cloned().collect();
+        for name in names {
+            let Some(set) = self.sets.get_mut(&name) else {
+                continue;
+            };
+            for peer in &self.connected {
+                if let Some(ps) = set.peers.get_mut(peer) {
+                    if !ps.muted {
+                        // Forget what this session believes is in flight, so anything lost is
+                        // offered again (the peer's bloom filter tells what it lacks).
+                        ps.state = fresh_session(&ps.state);
+                    }
+                }
+            }
+            // Sync states that moved since they were last stored are stored now.
+            let sync_states = Self::dirty_sync_states(set);
+            if !sync_states.is_empty() {
+                let id = self.new_persist_id();
+                self.pending.insert(
+                    id,
+                    Pending {
+                        flag_set: name.clone(),
+                        writes: Vec::new(),
+                        local: false,
+                    },
+                );
+                self.events.push_back(Event::PersistRequest(PersistRequest {
+                    id,
+                    flag_set: name.clone(),
+                    changes: Vec::new(),
+                    sync_states,
+                }));
+            }
+            self.sync_set_with_all(&name);
+        }
+    }
+
+    // ---- outputs ----
+
+    /// The next frame to send, and to whom.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<(PeerId, Vec<u8>)> {
+        self.transmits.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] should be called next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        Some(self.next_anti_entropy)
+    }
+
+    /// The next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ---- internals ----
+
+    fn new_persist_id(&mut self) -> PersistId {
+        let id = PersistId(self.next_persist);
+        self.next_persist += 1;
+        id
+    }
+
+    fn ensure_set(&mut self, name: &str) -> Result<(), Error> {
+        if self.sets.contains_key(name) {
+            return Ok(());
+        }
+        if !wire::is_valid_flag_set_name(name) {
+            return Err(Error::UnknownFlagSet(name.to_owned()));
+        }
+        if self.sets.len() >= self.config.max_flag_sets {
+            return Err(Error::UnknownFlagSet(format!(
+                "{name} (the limit of {} flag sets is reached)",
+                self.config.max_flag_sets
+            )));
+        }
+        let mut peers = BTreeMap::new();
+        for p in &self.connected {
+            peers.insert(p.clone(), PeerSync::default());
+        }
+        self.sets.insert(
+            name.to_owned(),
+            FlagSetState {
+                doc: FlagSetDoc::new(self.identity.clone()),
+                peers,
+                unpersisted_local: 0,
+            },
+        );
+        Ok(())
+    }
+
+    fn dirty_sync_states(set: &mut FlagSetState) -> Vec<(PeerId, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (peer, ps) in &mut set.peers {
+            if ps.state.shared_heads != ps.persisted_shared {
+                ps.persisted_shared = ps.state.shared_heads.clone();
+                out.push((peer.clone(), ps.state.encode()));
+            }
+        }
+        out
+    }
+
+    fn receive(&mut self, peer: &PeerId, bytes: &[u8]) -> Result<(), Error> {
+        let frame = wire::decode(bytes, self.config.max_frame_bytes)?;
+        match frame.kind {
+            FrameKind::Sync => {}
+        }
+        let message = sync::Message::decode(frame.payload)
+            .map_err(|e| Error::Protocol(format!("sync message: {e}")))?;
+        check_message(&message)?;
+        let name = frame.flag_set.to_owned();
+        self.ensure_set(&name)
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        let set = self
+            .sets
+            .get_mut(&name)
+            .ok_or_else(|| Error::UnknownFlagSet(name.clone()))?;
+        let before = set.doc.heads();
+        let ps = set.peers.entry(peer.clone()).or_default();
+        let doc: &mut Automerge = set.doc.automerge_mut();
+        if let Err(e) = doc.receive_sync_message(&mut ps.state, message) {
+            // Start the session again rather than reason from a state the bad message touched.
+            ps.state = fresh_session(&ps.state);
+            return Err(Error::Protocol(format!("sync message did not apply: {e}")));
+        }
+        let heads = set.doc.heads();
+        let changed = heads != before;
+        if changed {
+            let changes = set.doc.changes_since(&before);
+            let sync_states = Self::dirty_sync_states(set);
+            for ps in set.peers.values_mut() {
+                ps.reported_synced = false;
+            }
+            let id = self.new_persist_id();
+            self.pending.insert(
+                id,
+                Pending {
+                    flag_set: name.clone(),
+                    writes: Vec::new(),
+                    local: false,
+                },
+            );
+            self.events.push_back(Event::FlagSetChanged {
+                flag_set: name.clone(),
+                heads: heads.clone(),
+            });
+            self.events.push_back(Event::PersistRequest(PersistRequest {
+                id,
+                flag_set: name.clone(),
+                changes,
+                sync_states,
+            }));
+        }
+        if let Some(set) = self.sets.get_mut(&name) {
+            if let Some(ps) = set.peers.get_mut(peer) {
+                if ps.state.their_heads.as_deref() == Some(heads.as_slice()) {
+                    if !ps.reported_synced {
+                        ps.reported_synced = true;
+                        self.events.push_back(Event::PeerSynced {
+                            peer: peer.clone(),
+                            flag_set: name.clone(),
+                            heads: heads.clone(),
+                        });
+                    }
+                } else {
+                    ps.reported_synced = false;
+                }
+            }
+        }
+        if changed {
+            // Push what we just learned on to every other peer too.
+            self.sync_set_with_all(&name);
+        } else {
+            self.sync_set_with(&name, peer);
+        }
+        Ok(())
+    }
+
+    fn sync_set_with_all(&mut self, name: &str) {
+        let peers: Vec<PeerId> = self.connected.iter().cloned().collect();
+        for peer in peers {
+            self.sync_set_with(name, &peer);
+        }
+    }
+
+    /// Generates the next sync message for (peer, flag set), unless local changes of this flag set
+    /// are still waiting to be persisted.
+    fn sync_set_with(&mut self, name: &str, peer: &PeerId) {
+        if !self.connected.contains(peer) {
+            return;
+        }
+        let faults = self.config.faults;
+        let max = self.config.max_frame_bytes;
+        let Some(set) = self.sets.get_mut(name) else {
+            return;
+        };
+        if set.unpersisted_local > 0 && !faults.send_before_persist_and_reuse_actor {
+            return;
+        }
+        let ps = set.peers.entry(peer.clone()).or_default();
+        let doc: &Automerge = set.doc.automerge();
+        let Some(message) = doc.generate_sync_message(&mut ps.state) else {
+            return;
+        };
+        if faults.drop_sync_message_without_retry && !ps.muted && !message.changes.is_empty() {
+            ps.muted = true;
+            return;
+        }
+        match wire::encode(FrameKind::Sync, name, &message.encode(), max) {
+            Ok(frame) => self.transmits.push_back((peer.clone(), frame)),
+            Err(error) => {
+                ps.state = fresh_session(&ps.state);
+                self.events.push_back(Event::ProtocolError {
+                    peer: peer.clone(),
+                    error,
+                });
+            }
+        }
+    }
+}
+
+/// A sync state for a new session: only the shared heads survive, as after a reconnect.
+fn fresh_session(state: &sync::State) -> sync::State {
+    sync::State::decode(&state.encode()).unwrap_or_default()
+}
+
+/// Refuses sync messages no honest peer sends, before any of it reaches the document: more than
+/// one bloom filter, or change data that is not a sequence of complete, checksummed changes or
+/// documents. (Automerge would otherwise apply the chunks before a bad one and drop the rest.)
+fn check_message(message: &sync::Message) -> Result<(), Error> {
+    if message.have.len() > 1 {
+        return Err(Error::Protocol(format!(
+            "sync message with {} bloom filters",
+            message.have.len()
+        )));
+    }
+    for data in message.changes.iter() {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let (chunk_type, chunk, tail) = split_chunk(rest)?;
+            rest = tail;
+            match chunk_type {
+                CHUNK_DOCUMENT => {
+                    Automerge::load_with_options(
+                        chunk,
+                        automerge::LoadOptions::new()
+                            .on_partial_load(automerge::OnPartialLoad::Error)
+                            .verification_mode(automerge::VerificationMode::Check),
+                    )
+                    .map_err(|e| Error::Protocol(format!("document chunk: {e}")))?;
+                }
+                CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => {
+                    automerge::Change::try_from(chunk)
+                        .map_err(|e| Error::Protocol(format!("change chunk: {e}")))?;
+                }
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "unexpected chunk type {other} in a sync message"
+                    )))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Automerge's storage chunk types (automerge's binary format: magic, checksum, type, LEB128
+/// length, data).
+const CHUNK_DOCUMENT: u8 = 0;
+const CHUNK_CHANGE: u8 = 1;
+const CHUNK_COMPRESSED_CHANGE: u8 = 2;
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+/// Splits the first storage chunk off `data`: (type, the whole chunk, the rest).
+fn split_chunk(data: &[u8]) -> Result<(u8, &[u8], &[u8]), Error> {
+    let bad = |why: &str| Error::Protocol(format!("change data: {why}"));
+    if data.len() < 9 || data[..4] != CHUNK_MAGIC {
+        return Err(bad("not an Automerge chunk"));
+    }
+    let chunk_type = data[8];
+    let mut len_bytes = &data[9..];
+    let before = len_bytes.len();
+    let len = leb128::read::unsigned(&mut len_bytes).map_err(|_| bad("bad chunk length"))?;
+    let header = 9 + (before - len_bytes.len());
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|l| header.checked_add(l))
+        .filter(|&end| end <= data.len())
+        .ok_or_else(|| bad("truncated chunk"))?;
+    Ok((chunk_type, &data[..end], &data[end..]))
+}

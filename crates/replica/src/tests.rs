@@ -1,0 +1,549 @@
+//! Replication stories and property tests: several replicas wired by a test network that can lose,
+//! duplicate and reorder frames, with a driver that stores what the replicas ask it to.
+
+use std::collections::BTreeMap;
+
+use bunting_model::{DefaultVariant, Flag, FlagState};
+use proptest::prelude::*;
+use serde_json::json;
+
+use crate::*;
+
+const SET: &str = "production";
+
+/// One node: the replica and what its "disk" holds.
+struct Node {
+    replica: Replica,
+    config: ReplicaConfig,
+    /// Changes per flag set, in the order stored.
+    disk: BTreeMap<String, Vec<Vec<u8>>>,
+    sync_disk: BTreeMap<(String, PeerId), Vec<u8>>,
+    /// Persist requests not yet stored (a crash loses them).
+    unstored: Vec<PersistRequest>,
+    acked: Vec<WriteId>,
+    protocol_errors: Vec<Error>,
+    /// Whether the driver stores persist requests as soon as they appear.
+    auto_persist: bool,
+}
+
+impl Node {
+    fn new(name: &str, faults: Faults) -> Node {
+        let mut config = ReplicaConfig::new(name, format!("r-{name}"), 1);
+        config.anti_entropy_interval_ms = 1_000;
+        config.faults = faults;
+        Node {
+            replica: Replica::new(config.clone(), Timestamp(0)),
+            config,
+            disk: BTreeMap::new(),
+            sync_disk: BTreeMap::new(),
+            unstored: Vec::new(),
+            acked: Vec::new(),
+            protocol_errors: Vec::new(),
+            auto_persist: true,
+        }
+    }
+
+    /// Handles events; stores persist requests when `auto_persist`.
+    fn drain_events(&mut self, now: Timestamp) {
+        while let Some(event) = self.replica.poll_event() {
+            match event {
+                Event::PersistRequest(p) => self.unstored.push(p),
+                Event::WriteAcknowledged { id, .. } => self.acked.push(id),
+                Event::ProtocolError { error, .. } => self.protocol_errors.push(error),
+                Event::FlagSetChanged { .. } | Event::PeerSynced { .. } => {}
+            }
+            if self.auto_persist {
+                self.store_all(now);
+            }
+        }
+    }
+
+    fn store_all(&mut self, now: Timestamp) {
+        for p in std::mem::take(&mut self.unstored) {
+            self.disk
+                .entry(p.flag_set.clone())
+                .or_default()
+                .extend(p.changes);
+            for (peer, state) in p.sync_states {
+                self.sync_disk.insert((p.flag_set.clone(), peer), state);
+            }
+            self.replica.persisted(p.id, now).unwrap();
+        }
+    }
+
+    fn heads(&self) -> Vec<ChangeHash> {
+        self.replica
+            .flag_set(SET)
+            .map(FlagSetDoc::heads)
+            .unwrap_or_default()
+    }
+
+    /// Restarts from the disk with the next incarnation; unstored requests are lost.
+    fn restart(&mut self, now: Timestamp) {
+        self.unstored.clear();
+        self.config.incarnation += 1;
+        let stored = self
+            .disk
+            .iter()
+            .map(|(name, changes)| StoredFlagSet {
+                name: name.clone(),
+                snapshot: None,
+                changes: changes.clone(),
+                sync_states: self
+                    .sync_disk
+                    .iter()
+                    .filter(|((set, _), _)| set == name)
+                    .map(|((_, peer), s)| (peer.clone(), s.clone()))
+                    .collect(),
+            })
+            .collect();
+        self.replica = Replica::restore(self.config.clone(), stored, now).unwrap();
+    }
+}
+
+/// A full mesh of nodes and the frames in flight between them.
+struct Cluster {
+    nodes: Vec<Node>,
+    /// (from, to, frame)
+    in_flight: Vec<(usize, usize, Vec<u8>)>,
+    now: Timestamp,
+    wire_bytes: usize,
+}
+
+impl Cluster {
+    fn new(n: usize) -> Cluster {
+        Cluster::with_faults(n, Faults::default())
+    }
+
+    fn with_faults(n: usize, faults: Faults) -> Cluster {
+        let nodes = (0..n).map(|i| Node::new(&name(i), faults)).collect();
+        let mut c = Cluster {
+            nodes,
+            in_flight: Vec::new(),
+            now: Timestamp(0),
+            wire_bytes: 0,
+        };
+        c.connect_all();
+        c
+    }
+
+    fn connect_all(&mut self) {
+        let n = self.nodes.len();
+        for i in 0..n {
+            for j in 0..n {
+                if i != j {
+                    self.nodes[i].replica.add_peer(PeerId(name(j)), self.now);
+                }
+            }
+        }
+        self.collect();
+    }
+
+    fn write(&mut self, node: usize, command: WriteCommand) -> Result<WriteId, Error> {
+        let meta = WriteMeta {
+            token_id: format!("token-{node}"),
+            wall_time_ms: self.now.0,
+            message: "test".into(),
+        };
+        let now = self.now;
+        let r = self.nodes[node]
+            .replica
+            .handle_local_write(SET, command.into(), meta, now);
+        self.collect();
+        r
+    }
+
+    /// Moves events and transmits out of every replica.
+    fn collect(&mut self) {
+        let now = self.now;
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            node.drain_events(now);
+            while let Some((peer, frame)) = node.replica.poll_transmit() {
+                let j = index_of(&peer);
+                self.wire_bytes += frame.len();
+                self.in_flight.push((i, j, frame));
+            }
+        }
+    }
+
+    fn deliver(&mut self, k: usize) {
+        if self.in_flight.is_empty() {
+            return;
+        }
+        let (from, to, frame) = self.in_flight.remove(k % self.in_flight.len());
+        let now = self.now;
+        self.nodes[to]
+            .replica
+            .handle_message(&PeerId(name(from)), &frame, now);
+        self.collect();
+    }
+
+    fn tick(&mut self, ms: u64) {
+        self.now = self.now.plus_millis(ms);
+        let now = self.now;
+        for node in &mut self.nodes {
+            node.replica.handle_timeout(now);
+        }
+        self.collect();
+    }
+
+    /// Delivers everything in order, with anti-entropy rounds, until nothing moves.
+    fn settle(&mut self) {
+        for _ in 0..20 {
+            let mut steps = 0;
+            while !self.in_flight.is_empty() && steps < 10_000 {
+                self.deliver(0);
+                steps += 1;
+            }
+            if self.converged() {
+                return;
+            }
+            self.tick(1_000);
+        }
+    }
+
+    fn converged(&self) -> bool {
+        let first = self.nodes[0].heads();
+        self.nodes.iter().all(|n| n.heads() == first)
+    }
+}
+
+fn name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+fn index_of(peer: &PeerId) -> usize {
+    peer.0
+        .strip_prefix("node-")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn flag(default: &str) -> Flag {
+    Flag::from_value(
+        &json!({"state": "ENABLED", "variants": {"on": true, "off": false},
+                "defaultVariant": default}),
+        "",
+    )
+    .unwrap()
+}
+
+fn put_flag(key: &str) -> WriteCommand {
+    WriteCommand::PutFlag {
+        key: key.into(),
+        flag: flag("on"),
+    }
+}
+
+#[test]
+fn a_write_is_acknowledged_only_after_it_is_persisted() {
+    let mut c = Cluster::new(1);
+    c.nodes[0].auto_persist = false;
+    let id = c.write(0, put_flag("f")).unwrap();
+    assert!(c.nodes[0].acked.is_empty());
+    assert_eq!(c.nodes[0].unstored.len(), 1);
+    assert!(!c.nodes[0].unstored[0].changes.is_empty());
+    c.nodes[0].store_all(Timestamp(0));
+    c.collect();
+    assert_eq!(c.nodes[0].acked, vec![id]);
+}
+
+#[test]
+fn a_change_leaves_the_node_only_after_it_is_persisted() {
+    let mut c = Cluster::new(2);
+    c.settle();
+    c.in_flight.clear();
+    c.nodes[0].auto_persist = false;
+    c.write(0, put_flag("f")).unwrap();
+    assert!(c.in_flight.is_empty(), "sent before persisted");
+    c.nodes[0].store_all(c.now);
+    c.collect();
+    assert!(!c.in_flight.is_empty(), "not pushed after persisted");
+    c.settle();
+    assert!(c.nodes[1]
+        .replica
+        .flag_set(SET)
+        .unwrap()
+        .flag("f")
+        .is_some());
+}
+
+#[test]
+fn the_planted_ack_before_persist_bug_acks_at_once() {
+    let mut c = Cluster::with_faults(
+        1,
+        Faults {
+            ack_before_persist: true,
+            ..Faults::default()
+        },
+    );
+    c.nodes[0].auto_persist = false;
+    let id = c.write(0, put_flag("f")).unwrap();
+    assert_eq!(c.nodes[0].acked, vec![id]);
+}
+
+#[test]
+fn the_planted_send_before_persist_bug_sends_unstored_changes_and_reuses_the_actor() {
+    let faults = Faults {
+        send_before_persist_and_reuse_actor: true,
+        ..Faults::default()
+    };
+    let mut c = Cluster::with_faults(2, faults);
+    c.settle();
+    c.in_flight.clear();
+    c.nodes[0].auto_persist = false;
+    c.write(0, put_flag("f")).unwrap();
+    assert!(!c.in_flight.is_empty());
+    let actor = c.nodes[0].replica.identity().actor_id();
+    c.nodes[0].restart(c.now);
+    assert_eq!(c.nodes[0].replica.identity().actor_id(), actor);
+}
+
+#[test]
+fn a_restart_takes_a_fresh_actor_and_keeps_persisted_writes() {
+    let mut c = Cluster::new(1);
+    c.write(0, put_flag("f")).unwrap();
+    let heads = c.nodes[0].heads();
+    let actor = c.nodes[0].replica.identity().actor_id();
+    c.nodes[0].restart(c.now);
+    assert_eq!(c.nodes[0].heads(), heads);
+    assert_ne!(c.nodes[0].replica.identity().actor_id(), actor);
+    c.write(0, put_flag("g")).unwrap();
+    assert_eq!(c.nodes[0].acked.len(), 2);
+}
+
+#[test]
+fn partitioned_nodes_keep_accepting_writes_and_converge_after_heal() {
+    let mut c = Cluster::new(3);
+    c.write(0, put_flag("shared")).unwrap();
+    c.settle();
+    // Partition: nothing is delivered while all three write.
+    c.write(0, put_flag("from-0")).unwrap();
+    c.write(
+        1,
+        WriteCommand::SetState {
+            key: "shared".into(),
+            state: FlagState::Disabled,
+        },
+    )
+    .unwrap();
+    c.write(
+        2,
+        WriteCommand::SetState {
+            key: "shared".into(),
+            state: FlagState::Enabled,
+        },
+    )
+    .unwrap();
+    c.in_flight.clear();
+    c.settle();
+    assert!(c.converged());
+    let a = c.nodes[0].replica.flag_set(SET).unwrap();
+    for node in &c.nodes {
+        assert_eq!(node.replica.flag_set(SET).unwrap().to_flagd(), a.to_flagd());
+    }
+    assert!(a.flag("from-0").is_some());
+}
+
+#[test]
+fn a_reconnecting_peer_catches_up_without_a_full_transfer() {
+    let mut c = Cluster::new(2);
+    for i in 0..60 {
+        c.write(0, put_flag(&format!("f{i}"))).unwrap();
+    }
+    c.settle();
+    assert!(c.converged());
+    c.nodes[1].replica.remove_peer(&PeerId(name(0)));
+    c.nodes[0].replica.remove_peer(&PeerId(name(1)));
+    c.nodes[1].restart(c.now);
+    c.write(
+        0,
+        WriteCommand::SetState {
+            key: "f1".into(),
+            state: FlagState::Disabled,
+        },
+    )
+    .unwrap();
+    c.in_flight.clear();
+    c.wire_bytes = 0;
+    c.connect_all();
+    c.settle();
+    assert!(c.converged());
+    assert!(
+        c.wire_bytes < 4_000,
+        "catch-up sent {} bytes for one change",
+        c.wire_bytes
+    );
+}
+
+#[test]
+fn hostile_frames_never_change_the_document() {
+    let mut c = Cluster::new(2);
+    c.write(0, put_flag("f")).unwrap();
+    c.settle();
+    let heads = c.nodes[1].heads();
+    let peer = PeerId(name(0));
+    // A real frame, truncated at every length and with flipped bytes.
+    c.write(
+        0,
+        WriteCommand::SetDefaultVariant {
+            key: "f".into(),
+            default_variant: DefaultVariant::Key("off".into()),
+        },
+    )
+    .unwrap();
+    let frames: Vec<Vec<u8>> = c.in_flight.drain(..).map(|(_, _, f)| f).collect();
+    assert!(!frames.is_empty());
+    for frame in &frames {
+        for cut in 0..frame.len() {
+            c.nodes[1]
+                .replica
+                .handle_message(&peer, &frame[..cut], c.now);
+        }
+    }
+    c.collect();
+    assert_eq!(c.nodes[1].heads(), heads);
+    // With a byte flipped, a frame may still carry the intact, checksummed change (the flip hit a
+    // head or a bloom filter): the document then moves exactly as the genuine frame moves it, and
+    // never anywhere else.
+    let genuine = {
+        let mut doc = c.nodes[1].replica.flag_set(SET).unwrap().clone();
+        let mut changes = c.nodes[0]
+            .replica
+            .flag_set(SET)
+            .unwrap()
+            .automerge()
+            .clone();
+        doc.automerge_mut().merge(&mut changes).unwrap();
+        doc.heads()
+    };
+    for frame in &frames {
+        for i in 0..frame.len() {
+            let mut bad = frame.clone();
+            bad[i] ^= 0x5a;
+            c.nodes[1].replica.handle_message(&peer, &bad, c.now);
+            let now = c.nodes[1].heads();
+            assert!(
+                now == heads || now == genuine,
+                "flipped byte {i} made up a document"
+            );
+        }
+    }
+    assert!(!c.nodes[1].protocol_errors.is_empty());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_frames_never_panic_or_change_the_document(
+        frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 1..20),
+        prefix in any::<bool>(),
+    ) {
+        let mut c = Cluster::new(2);
+        c.write(0, put_flag("f")).unwrap();
+        c.settle();
+        let heads = c.nodes[1].heads();
+        for mut frame in frames {
+            if prefix {
+                // A valid header so the payload reaches the sync-message decoder.
+                let mut f = wire::encode(wire::FrameKind::Sync, SET, &[], 1 << 20).unwrap();
+                f.truncate(f.len() - 4);
+                f.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+                f.append(&mut frame);
+                frame = f;
+            }
+            c.nodes[1].replica.handle_message(&PeerId(name(0)), &frame, c.now);
+        }
+        c.collect();
+        prop_assert_eq!(c.nodes[1].heads(), heads);
+    }
+}
+
+/// One step of a random run.
+#[derive(Debug, Clone)]
+enum Step {
+    Write { node: usize, flag: usize, op: u8 },
+    Deliver(usize),
+    Drop(usize),
+    Duplicate(usize),
+    Tick,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0..5usize, 0..4usize, 0..6u8).prop_map(|(node, flag, op)| Step::Write { node, flag, op }),
+        4 => any::<usize>().prop_map(Step::Deliver),
+        1 => any::<usize>().prop_map(Step::Drop),
+        1 => any::<usize>().prop_map(Step::Duplicate),
+        1 => Just(Step::Tick),
+    ]
+}
+
+fn command(flag: usize, op: u8) -> WriteCommand {
+    let key = format!("flag-{flag}");
+    match op {
+        0 => put_flag(&key),
+        1 => WriteCommand::SetState {
+            key,
+            state: FlagState::Disabled,
+        },
+        2 => WriteCommand::SetDefaultVariant {
+            key,
+            default_variant: DefaultVariant::Key("off".into()),
+        },
+        3 => WriteCommand::SetTargeting {
+            key,
+            targeting: Some(json!({"if": [{"==": [{"var": "n"}, flag]}, "off", null]})),
+        },
+        4 => WriteCommand::SetVariant {
+            key,
+            variant: "off".into(),
+            value: Some(json!(false)),
+        },
+        _ => WriteCommand::DeleteFlag { key },
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn replicas_converge_after_any_interleaving_and_message_faults(
+        n in 2..=5usize,
+        steps in proptest::collection::vec(step(), 1..60),
+    ) {
+        let mut c = Cluster::new(n);
+        for s in steps {
+            match s {
+                Step::Write { node, flag, op } => {
+                    // Refused writes (a patch of a flag not there yet) are fine: they change nothing.
+                    let _ = c.write(node % n, command(flag, op));
+                }
+                Step::Deliver(k) => c.deliver(k),
+                Step::Drop(k) => {
+                    if !c.in_flight.is_empty() {
+                        let len = c.in_flight.len();
+                        c.in_flight.remove(k % len);
+                    }
+                }
+                Step::Duplicate(k) => {
+                    if !c.in_flight.is_empty() {
+                        let len = c.in_flight.len();
+                        let copy = c.in_flight[k % len].clone();
+                        c.in_flight.push(copy);
+                    }
+                }
+                Step::Tick => c.tick(1_000),
+            }
+        }
+        c.settle();
+        prop_assert!(c.converged(), "heads differ after a full exchange");
+        let first = c.nodes[0].replica.flag_set(SET).map(|d| (d.to_flagd(), d.conflicts(), d.broken_flags()));
+        for node in &c.nodes {
+            let got = node.replica.flag_set(SET).map(|d| (d.to_flagd(), d.conflicts(), d.broken_flags()));
+            prop_assert_eq!(&got, &first);
+            prop_assert!(node.protocol_errors.is_empty(), "{:?}", node.protocol_errors);
+        }
+    }
+}
