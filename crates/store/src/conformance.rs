@@ -216,6 +216,7 @@ pub(crate) fn a_reopened_store_keeps_everything<D: TestDisk>(mut disk: D) {
 pub(crate) fn flag_sets_are_listed_once_and_sorted<D: TestDisk>(mut disk: D) {
     let store = disk.open();
     assert!(store.flag_sets().unwrap().is_empty());
+    assert_eq!(store.append_changes("ghost", &[]).unwrap().last_seq, 0);
     append_numbered(&store, "staging", 1, 3);
     store.compact("canary", b"imported", 0).unwrap();
     append_numbered(&store, FS, 1, 1);

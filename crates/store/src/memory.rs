@@ -129,6 +129,12 @@ impl Store for MemoryStore {
             .get(flag_set)
             .map_or((0, 0), |f| (f.last_seq(), f.snapshot_covers));
         check_batch(&self.limits(), flag_set, last + 1, changes)?;
+        if changes.is_empty() {
+            return Ok(AppendReceipt {
+                last_seq: last,
+                changes_since_snapshot: last - covers,
+            });
+        }
         let mut framed = Vec::with_capacity(changes.len());
         for (seq, change) in (last + 1..).zip(changes) {
             let id = RecordId::Change {
@@ -207,7 +213,7 @@ impl Store for MemoryStore {
         let entry = disk.flag_sets.entry(flag_set.to_owned()).or_default();
         entry.snapshot = Some(framed.into());
         entry.snapshot_covers = covers_through;
-        entry.changes = entry.changes.split_off(&(covers_through + 1));
+        entry.changes = entry.changes.split_off(&covers_through.saturating_add(1));
         Ok(())
     }
 

@@ -26,6 +26,8 @@ const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 /// "incarnation" → framed u64.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const INCARNATION_KEY: &str = "incarnation";
+/// How many tables [`RedbStore::open`] creates.
+const TABLE_COUNT: usize = 6;
 
 /// The embedded default store: one [redb](https://www.redb.org) file per node, no setup.
 ///
@@ -56,7 +58,11 @@ impl RedbStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let db = Database::create(path)?;
         let store = RedbStore { db };
-        // Create every table up front so readers never meet a missing table.
+        // Create every table up front so readers never meet a missing table; skip the (fsynced)
+        // write when a previous run already did.
+        if store.db.begin_read()?.list_tables()?.count() >= TABLE_COUNT {
+            return Ok(store);
+        }
         store.write(|txn| {
             txn.open_table(CHANGES)?;
             txn.open_table(SNAPSHOTS)?;
