@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{ActorId, Automerge, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue, ROOT};
+use bunting_engine::{CompileOptions, CompiledFlagSet};
 use bunting_model::{pointer, DefaultVariant, Flag, FlagSet, FlagsForm, Problem};
 use indexmap::IndexMap;
 use serde_json::{json, Map, Value};
@@ -302,6 +303,12 @@ impl FlagSetDoc {
     pub fn to_flagd(&self) -> FlagSet {
         let value = self.render(None);
         FlagSet::from_value_unvalidated(&value).unwrap_or_default()
+    }
+
+    /// The flag set compiled for evaluation. A flag that no longer validates after a merge compiles
+    /// to a deterministic ERROR resolution, so converged replicas answer alike.
+    pub fn compile(&self, options: &CompileOptions) -> CompiledFlagSet {
+        CompiledFlagSet::compile(&self.to_flagd(), options)
     }
 
     /// One flag as stored now (the winning values), if present.

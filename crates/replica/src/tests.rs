@@ -460,6 +460,56 @@ proptest! {
     }
 }
 
+/// Evaluates every flag the random runs use on a few probe contexts.
+fn probe(doc: &FlagSetDoc) -> Vec<bunting_engine::Resolution> {
+    let compiled = doc.compile(&bunting_engine::CompileOptions::default());
+    let mut out = Vec::new();
+    for n in 0..3 {
+        let ctx = bunting_engine::EvaluationContext::new(1_700_000_000)
+            .with_targeting_key(format!("user-{n}"))
+            .with_attribute("n", json!(n));
+        for flag in 0..4 {
+            out.push(compiled.evaluate(&format!("flag-{flag}"), &ctx));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_merged_flag_that_breaks_evaluates_to_the_same_error_everywhere() {
+    let mut c = Cluster::new(2);
+    c.write(0, put_flag("f")).unwrap();
+    c.settle();
+    c.write(
+        0,
+        WriteCommand::SetDefaultVariant {
+            key: "f".into(),
+            default_variant: DefaultVariant::Key("off".into()),
+        },
+    )
+    .unwrap();
+    c.write(
+        1,
+        WriteCommand::SetVariant {
+            key: "f".into(),
+            variant: "off".into(),
+            value: None,
+        },
+    )
+    .unwrap();
+    c.settle();
+    let ctx = bunting_engine::EvaluationContext::new(0);
+    let mut answers = Vec::new();
+    for node in &c.nodes {
+        let doc = node.replica.flag_set(SET).unwrap();
+        let compiled = doc.compile(&bunting_engine::CompileOptions::default());
+        assert_eq!(compiled.broken_flags().len(), 1);
+        answers.push(compiled.evaluate("f", &ctx));
+    }
+    assert_eq!(answers[0].reason, bunting_engine::Reason::Error);
+    assert_eq!(answers[0], answers[1]);
+}
+
 /// One step of a random run.
 #[derive(Debug, Clone)]
 enum Step {
@@ -539,9 +589,9 @@ proptest! {
         }
         c.settle();
         prop_assert!(c.converged(), "heads differ after a full exchange");
-        let first = c.nodes[0].replica.flag_set(SET).map(|d| (d.to_flagd(), d.conflicts(), d.broken_flags()));
+        let first = c.nodes[0].replica.flag_set(SET).map(|d| (d.to_flagd(), d.conflicts(), d.broken_flags(), probe(d)));
         for node in &c.nodes {
-            let got = node.replica.flag_set(SET).map(|d| (d.to_flagd(), d.conflicts(), d.broken_flags()));
+            let got = node.replica.flag_set(SET).map(|d| (d.to_flagd(), d.conflicts(), d.broken_flags(), probe(d)));
             prop_assert_eq!(&got, &first);
             prop_assert!(node.protocol_errors.is_empty(), "{:?}", node.protocol_errors);
         }
