@@ -439,3 +439,173 @@ pub(crate) fn a_torn_change_is_reported_naming_the_record<D: TestDisk>(mut disk:
     assert_corrupt_change(err, 3);
     disk.close(store);
 }
+
+/// One step of a random workload for [`matches_a_simple_model`].
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    Append {
+        set: u8,
+        count: u8,
+        len: u8,
+    },
+    /// Compacts at `snapshot covers + pick % (uncovered + 2)`: sometimes one past the end.
+    Compact {
+        set: u8,
+        pick: u8,
+    },
+    Reopen,
+    PutSyncState {
+        peer: u8,
+        set: u8,
+        len: u8,
+    },
+    DeleteSyncState {
+        peer: u8,
+        set: u8,
+    },
+    PutToken {
+        id: u8,
+        len: u8,
+    },
+    DeleteToken {
+        id: u8,
+    },
+    NextIncarnation,
+}
+
+pub(crate) fn op_strategy() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0u8..3, 0u8..4, 0u8..40).prop_map(|(set, count, len)| Op::Append { set, count, len }),
+        2 => (0u8..3, any::<u8>()).prop_map(|(set, pick)| Op::Compact { set, pick }),
+        1 => Just(Op::Reopen),
+        1 => (0u8..2, 0u8..3, 0u8..40).prop_map(|(peer, set, len)| Op::PutSyncState { peer, set, len }),
+        1 => (0u8..2, 0u8..3).prop_map(|(peer, set)| Op::DeleteSyncState { peer, set }),
+        1 => (0u8..3, 0u8..40).prop_map(|(id, len)| Op::PutToken { id, len }),
+        1 => (0u8..3).prop_map(|id| Op::DeleteToken { id }),
+        1 => Just(Op::NextIncarnation),
+    ]
+}
+
+#[derive(Default)]
+struct ModelFlagSet {
+    covers: u64,
+    last: u64,
+    snapshot: Option<Vec<u8>>,
+    changes: std::collections::BTreeMap<u64, Vec<u8>>,
+}
+
+/// Runs a random workload against a backend and a few plain maps side by side; after every step
+/// the backend must answer exactly as the maps do.
+pub(crate) fn matches_a_simple_model<D: TestDisk>(mut disk: D, ops: &[Op]) {
+    use std::collections::BTreeMap;
+    let set_name = |i: u8| format!("set-{i}");
+    let mut sets: BTreeMap<String, ModelFlagSet> = BTreeMap::new();
+    let mut sync: BTreeMap<(String, String), Vec<u8>> = BTreeMap::new();
+    let mut tokens: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut incarnation = 0u64;
+    let mut store = disk.open();
+    for (step, op) in ops.iter().enumerate() {
+        let filler = |len: u8| vec![step as u8; usize::from(len)];
+        match *op {
+            Op::Append { set, count, len } => {
+                let name = set_name(set);
+                let batch: Vec<Vec<u8>> = (0..count).map(|i| filler(len.wrapping_add(i))).collect();
+                let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+                let receipt = store.append_changes(&name, &refs).unwrap();
+                if !batch.is_empty() {
+                    let model = sets.entry(name).or_default();
+                    for change in batch {
+                        model.last += 1;
+                        model.changes.insert(model.last, change);
+                    }
+                    assert_eq!(receipt.last_seq, model.last);
+                    assert_eq!(receipt.changes_since_snapshot, model.last - model.covers);
+                }
+            }
+            Op::Compact { set, pick } => {
+                let name = set_name(set);
+                let (covers, last) = sets.get(&name).map_or((0, 0), |m| (m.covers, m.last));
+                let target = covers + u64::from(pick) % (last - covers + 2);
+                let snapshot = filler(pick);
+                let result = store.compact(&name, &snapshot, target);
+                if target > last {
+                    assert!(matches!(
+                        result,
+                        Err(StoreError::CompactionOutOfRange { .. })
+                    ));
+                } else {
+                    result.unwrap();
+                    let model = sets.entry(name).or_default();
+                    model.covers = target;
+                    model.snapshot = Some(snapshot);
+                    model.changes = model.changes.split_off(&(target + 1));
+                }
+            }
+            Op::Reopen => {
+                disk.close(store);
+                store = disk.open();
+            }
+            Op::PutSyncState { peer, set, len } => {
+                let key = (format!("peer-{peer}"), set_name(set));
+                store.put_sync_state(&key.0, &key.1, &filler(len)).unwrap();
+                sync.insert(key, filler(len));
+            }
+            Op::DeleteSyncState { peer, set } => {
+                let key = (format!("peer-{peer}"), set_name(set));
+                assert_eq!(
+                    store.delete_sync_state(&key.0, &key.1).unwrap(),
+                    sync.remove(&key).is_some()
+                );
+            }
+            Op::PutToken { id, len } => {
+                let id = format!("tok-{id}");
+                store.put_token(&id, &filler(len)).unwrap();
+                tokens.insert(id, filler(len));
+            }
+            Op::DeleteToken { id } => {
+                let id = format!("tok-{id}");
+                assert_eq!(
+                    store.delete_token(&id).unwrap(),
+                    tokens.remove(&id).is_some()
+                );
+            }
+            Op::NextIncarnation => {
+                incarnation += 1;
+                assert_eq!(store.next_incarnation().unwrap(), incarnation);
+            }
+        }
+    }
+    disk.close(store);
+    let store = disk.open();
+    assert_eq!(
+        store.flag_sets().unwrap(),
+        sets.keys().cloned().collect::<Vec<_>>()
+    );
+    for (name, model) in &sets {
+        let loaded = store.load(name).unwrap();
+        assert_eq!(
+            loaded.snapshot.as_ref().map(|s| s.covers_through),
+            model.snapshot.as_ref().map(|_| model.covers)
+        );
+        assert_eq!(loaded.snapshot.map(|s| s.bytes), model.snapshot);
+        let changes: BTreeMap<u64, Vec<u8>> = loaded
+            .changes
+            .into_iter()
+            .map(|c| (c.seq, c.bytes))
+            .collect();
+        assert_eq!(&changes, &model.changes);
+        assert_eq!(
+            store.changes_since_snapshot(name).unwrap(),
+            model.last - model.covers
+        );
+    }
+    for ((peer, set), state) in &sync {
+        assert_eq!(store.sync_state(peer, set).unwrap().as_ref(), Some(state));
+    }
+    assert_eq!(
+        store.tokens().unwrap(),
+        tokens.into_iter().collect::<Vec<_>>()
+    );
+    disk.close(store);
+}

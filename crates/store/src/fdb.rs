@@ -583,6 +583,18 @@ mod tests {
 
     crate::conformance::conformance_suite!(FdbDisk);
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(16))]
+        #[test]
+        fn random_workloads_match_a_simple_model(
+            ops in proptest::collection::vec(crate::conformance::op_strategy(), 1..40)
+        ) {
+            if let Some(disk) = FdbDisk::new() {
+                crate::conformance::matches_a_simple_model(disk, &ops);
+            }
+        }
+    }
+
     /// The FDB network thread, started once for the whole test process.
     fn network() -> &'static Arc<Database> {
         static DB: OnceLock<Arc<Database>> = OnceLock::new();

@@ -33,8 +33,24 @@
 //!
 //! # Key layouts
 //!
-//! See [`RedbStore`] and `FdbStore` (and crates/store/README.md) for how each backend lays out its
-//! keys.
+//! - redb, one file per node: tables `changes` (flag set, seq) → change, `snapshots` flag set →
+//!   snapshot, `flag_sets` flag set → snapshot coverage, `sync_states` (peer, flag set) → state,
+//!   `tokens` token id → record, `meta` `"incarnation"` → counter (details on [`RedbStore`]).
+//! - FoundationDB: tuple keys under (`"bunting"`, region, node), then `"c"`/`"s"`/`"f"` + flag
+//!   set for changes, snapshot and coverage, `"y"` + peer + flag set, `"t"` + token id, `"i"`;
+//!   values split into 90,000-byte chunks (details on `FdbStore`).
+//!
+//! Every value, in every backend, is framed with a format byte and a CRC-32 over the record's
+//! name and payload; a record that fails the check is reported as [`StoreError::Corrupt`] naming
+//! the flag set and record, never used.
+//!
+//! # FoundationDB
+//!
+//! `FdbStore` is behind the cargo feature `fdb` (crate `foundationdb` with `embedded-fdb-include`
+//! and `fdb-7_3`). `cargo check -p bunting-store --features fdb` needs only Debian's
+//! `libclang-dev`, and CI type-checks it. Linking needs `libfdb_c`, which is not available where
+//! Bunting is built today, so its conformance tests run only where `libfdb_c` is installed and
+//! `FDB_CLUSTER_FILE` names a cluster; without `FDB_CLUSTER_FILE` they print that they skipped.
 #![cfg_attr(not(feature = "fdb"), forbid(unsafe_code))]
 
 mod error;

@@ -358,6 +358,17 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { max_shrink_iters: 200, ..proptest::prelude::ProptestConfig::default() })]
+        #[test]
+        fn random_workloads_match_a_simple_model(
+            ops in proptest::collection::vec(crate::conformance::op_strategy(), 1..40)
+        ) {
+            let disk = <MemoryDisk as crate::conformance::TestDisk>::new().unwrap();
+            crate::conformance::matches_a_simple_model(disk, &ops);
+        }
+    }
+
     #[test]
     fn a_clone_is_the_disk_at_the_crash_instant() {
         let disk = MemoryStore::new();

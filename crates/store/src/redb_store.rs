@@ -441,6 +441,17 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { max_shrink_iters: 200, ..proptest::prelude::ProptestConfig::with_cases(32) })]
+        #[test]
+        fn random_workloads_match_a_simple_model(
+            ops in proptest::collection::vec(crate::conformance::op_strategy(), 1..40)
+        ) {
+            let disk = <RedbDisk as crate::conformance::TestDisk>::new().unwrap();
+            crate::conformance::matches_a_simple_model(disk, &ops);
+        }
+    }
+
     #[test]
     fn a_second_opener_of_the_same_file_is_refused() {
         let disk = tempfile::tempdir().unwrap();
