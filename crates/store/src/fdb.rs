@@ -41,6 +41,10 @@ const TRANSACTION_TIMEOUT_MS: i32 = 10_000;
 /// compaction can never delete a change that another node appended and this node's snapshot
 /// does not contain. Changes of other nodes arrive through replication as usual.
 ///
+/// When a commit's outcome is unknown (`commit_unknown_result`) the client retries, so a batch
+/// may then be stored twice under new sequence numbers (and an incarnation skipped): harmless,
+/// since Automerge applies a change it already has as a no-op.
+///
 /// The FDB client is asynchronous; this store drives it with a blocking executor, which fits the
 /// synchronous [`Store`] trait (called from `spawn_blocking`). The FDB network thread must have
 /// been started (`foundationdb::boot`, once per process) before [`FdbStore::open`].
