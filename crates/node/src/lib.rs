@@ -1,1 +1,160 @@
-//! Placeholder: this crate's issue has not landed yet. See ARCHITECTURE.md.
+//! The `bunting` node: OFREP evaluation, the admin REST API, tokens, limits and metrics over HTTP.
+//!
+//! Owns: the wiring of everything else — the store ([`bunting_store`]), the flag-set documents
+//! (one driver task, [`driver`]), compiled snapshots swapped atomically for the evaluation path
+//! ([`snapshot`], [`bunting_engine`]), authentication and rate limits ([`auth`]), the HTTP routes
+//! ([`http`], [`ofrep`], [`admin`]), configuration ([`config`]) and the CLI ([`cli`]).
+//!
+//! Never does: flag logic of its own. Validation is the model's, evaluation the engine's; the
+//! HTTP layer translates bytes and the driver carries out effects (persist, publish).
+//!
+//! Tests start the server with [`serve`] on a listener bound to port 0.
+
+pub mod admin;
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod driver;
+mod error;
+pub mod http;
+pub mod ofrep;
+pub mod snapshot;
+
+use std::future::Future;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bunting_model::FlagSet;
+use bunting_store::{MemoryStore, RedbStore, Store};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::{NodeConfig, StoreBackend};
+pub use error::{ApiError, NodeError};
+
+/// Runs a node on `listener` until `shutdown` completes, then shuts down gracefully: no new
+/// connections, in-flight requests (and so in-flight writes) finish, event streams end, the
+/// driver finishes every queued write, and the store is closed before this returns.
+///
+/// `/healthz` answers at once; `/readyz` answers 503 until every flag set is loaded.
+pub async fn serve(
+    listener: TcpListener,
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    config.check().map_err(NodeError::Config)?;
+    let initial = match &config.flags_file {
+        Some(path) => Some(read_flag_file(path)?),
+        None => None,
+    };
+    let store = open_store(&config).await?;
+    let (tokens, incarnation) = {
+        let store = store.clone();
+        let limits = config.limits.clone();
+        let admin = config.admin_token.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
+            let incarnation = store.next_incarnation()?;
+            let tokens = auth::Tokens::load(
+                store,
+                limits.requests_per_second_per_token,
+                limits.burst_per_token,
+            )?;
+            if let Some(secret) = admin.filter(|s| !s.is_empty()) {
+                tokens.bootstrap(&secret, driver::now_ms())?;
+            }
+            Ok((tokens, incarnation))
+        })
+        .await
+        .map_err(|e| NodeError::Config(format!("startup task failed: {e}")))??
+    };
+    let identity = driver::Identity {
+        node: config.node_id.clone(),
+        region: config.region.clone(),
+        incarnation,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(false));
+    let snapshots = Arc::new(snapshot::Snapshots::default());
+    let state = Arc::new(http::AppState {
+        snapshots: snapshots.clone(),
+        tokens: Arc::new(tokens),
+        driver: OnceLock::new(),
+        ready: ready.clone(),
+        identity: identity.clone(),
+        limits: config.limits.clone(),
+        started: Instant::now(),
+        metrics: http::Metrics::default(),
+        stopping: stop_rx,
+    });
+    tracing::info!(
+        node = %identity.node,
+        region = %identity.region,
+        incarnation,
+        addr = ?listener.local_addr().ok(),
+        "serving"
+    );
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
+    let loader = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            match driver::start(store, snapshots, identity, initial, ready).await {
+                Ok((handle, task)) => {
+                    let _ = state.driver.set(handle);
+                    Ok(task)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "loading the flag sets failed; stopping");
+                    let _ = failed_tx.send(());
+                    Err(e)
+                }
+            }
+        })
+    };
+    let app = http::router(state.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = failed_rx => {}
+            }
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = stop_tx.send(true);
+        })
+        .await?;
+    let task = loader
+        .await
+        .map_err(|e| NodeError::Config(format!("load task failed: {e}")))??;
+    if let Some(handle) = state.driver.get() {
+        handle.stop().await;
+    }
+    drop(state);
+    let _ = task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn open_store(config: &NodeConfig) -> Result<Arc<dyn Store>, NodeError> {
+    match config.store {
+        StoreBackend::Memory => Ok(Arc::new(MemoryStore::new())),
+        StoreBackend::Redb => {
+            let dir = config.data_dir.clone();
+            tokio::task::spawn_blocking(move || -> Result<Arc<dyn Store>, NodeError> {
+                std::fs::create_dir_all(&dir)?;
+                Ok(Arc::new(RedbStore::open(dir.join("bunting.redb"))?))
+            })
+            .await
+            .map_err(|e| NodeError::Config(format!("store open task failed: {e}")))?
+        }
+    }
+}
+
+fn read_flag_file(path: &std::path::Path) -> Result<FlagSet, NodeError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+    FlagSet::from_json_str(&text).map_err(|problems| NodeError::FlagFile {
+        path: path.display().to_string(),
+        problems,
+    })
+}

@@ -1,0 +1,195 @@
+//! The command line: `bunting serve`, and the admin CLI (`bunting flags ...`, `bunting tokens ...`)
+//! over the admin REST API. Every option can also be given as a `BUNTING_*` environment variable.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth::Scope;
+use crate::config::StoreBackend;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bunting",
+    version,
+    about = "Bunting: a multi-region feature-flag service"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Later issues add `dev` (a local multi-region cluster), `certs` (a dev CA) and `sim` (the
+/// simulator) here.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node.
+    Serve(ServeArgs),
+    /// Read and change flags through a node's admin API.
+    Flags(FlagsArgs),
+    /// Create, list and revoke API tokens through a node's admin API.
+    Tokens(TokensArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Per-node TOML file (node_id, region, http, data_dir, store, [limits], [telemetry]).
+    #[arg(long, env = "BUNTING_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:8080 (overrides the file).
+    #[arg(long, env = "BUNTING_HTTP")]
+    pub http: Option<std::net::SocketAddr>,
+    /// Data directory (overrides the file).
+    #[arg(long, env = "BUNTING_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// flagd file loaded into the flag set `default` on first start.
+    #[arg(long, env = "BUNTING_FLAGS")]
+    pub flags: Option<PathBuf>,
+    /// Node id (overrides the file).
+    #[arg(long, env = "BUNTING_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Region (overrides the file).
+    #[arg(long, env = "BUNTING_REGION")]
+    pub region: Option<String>,
+    /// Store backend (overrides the file).
+    #[arg(long, env = "BUNTING_STORE", value_enum)]
+    pub store: Option<StoreBackend>,
+    /// A bootstrap admin token; prefer the environment variable to keep it out of `ps`.
+    #[arg(long, env = "BUNTING_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+/// Where the admin CLI sends its requests.
+#[derive(Debug, Args)]
+pub struct Remote {
+    /// Base URL of a node.
+    #[arg(
+        long,
+        env = "BUNTING_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub url: String,
+    /// API token (admin, write or read scope as the command needs).
+    #[arg(long, env = "BUNTING_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct FlagsArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    /// Flag set to work on.
+    #[arg(
+        long,
+        env = "BUNTING_FLAG_SET",
+        default_value = "default",
+        global = true
+    )]
+    pub flag_set: String,
+    #[command(subcommand)]
+    pub command: FlagsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FlagsCommand {
+    /// List the flags of the flag set.
+    List,
+    /// Print one flag as JSON.
+    Get { key: String },
+    /// Upload a whole flagd file; the node applies it as a field-level difference.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Why (recorded in the audit log).
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+    /// Turn a flag on or off (flips it without --on/--off).
+    Toggle {
+        key: String,
+        #[arg(long, conflicts_with = "off")]
+        on: bool,
+        #[arg(long)]
+        off: bool,
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+    /// The audit log, newest first (of one flag when a key is given).
+    History {
+        key: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+    },
+    /// Keys that hold concurrent values, with every value and its author.
+    Conflicts,
+}
+
+#[derive(Debug, Args)]
+pub struct TokensArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    #[command(subcommand)]
+    pub command: TokensCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCommand {
+    /// Create a token; prints it once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Scopes (repeatable): admin, write, read, evaluate.
+        #[arg(long = "scope", value_enum, required = true)]
+        scopes: Vec<Scope>,
+        /// Flag sets the token is bound to (repeatable); all when absent.
+        #[arg(long = "flag-set")]
+        flag_sets: Vec<String>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_and_admin_commands_parse() {
+        let cli = Cli::parse_from([
+            "bunting",
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--store",
+            "memory",
+        ]);
+        match cli.command {
+            Command::Serve(a) => {
+                assert_eq!(a.http.unwrap().port(), 0);
+                assert_eq!(a.store, Some(StoreBackend::Memory));
+            }
+            _ => panic!("expected serve"),
+        }
+        let cli = Cli::parse_from([
+            "bunting", "flags", "toggle", "banner", "--off", "--url", "http://x", "--token", "t",
+        ]);
+        match cli.command {
+            Command::Flags(f) => {
+                assert_eq!(f.remote.url, "http://x");
+                assert!(matches!(f.command, FlagsCommand::Toggle { off: true, .. }));
+            }
+            _ => panic!("expected flags"),
+        }
+    }
+}

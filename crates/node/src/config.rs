@@ -1,0 +1,160 @@
+//! Per-node configuration: the TOML file (`--config node.toml`), overridden by command-line
+//! options and `BUNTING_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::NodeError;
+
+/// Which [`bunting_store::Store`] backend keeps the node's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// redb, one file in the data directory (the default).
+    Redb,
+    /// In memory only: everything is lost when the process ends (tests, demos).
+    Memory,
+}
+
+/// Everything one node needs to start. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Stable id of this node in the cluster; part of every change's author and actor id.
+    pub node_id: String,
+    /// The region this node serves; recorded in every change it makes.
+    pub region: String,
+    /// Where the HTTP server listens (used by `bunting serve`; tests pass their own listener).
+    pub http: SocketAddr,
+    /// Where the store keeps its files.
+    pub data_dir: PathBuf,
+    pub store: StoreBackend,
+    /// A flagd file loaded into the flag set `default` on first start (when the store is empty).
+    pub flags_file: Option<PathBuf>,
+    /// A token that always has the admin scope on every flag set (from `BUNTING_ADMIN_TOKEN`);
+    /// stored hashed under the token id `bootstrap-admin`, replacing any earlier bootstrap token.
+    #[serde(skip)]
+    pub admin_token: Option<String>,
+    pub limits: LimitsConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Protection against overload and hostile input.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest OFREP request body, in bytes (413 above).
+    pub max_evaluation_body_bytes: usize,
+    /// Largest admin request body, in bytes (413 above); defaults to the model's document limit.
+    pub max_admin_body_bytes: usize,
+    /// Sustained requests per second allowed to one token (429 with Retry-After above).
+    pub requests_per_second_per_token: u32,
+    /// Requests one token may send at once above the sustained rate.
+    pub burst_per_token: u32,
+    /// Longest time a request (other than an event stream) may take before it gets a 408.
+    pub request_timeout_ms: u64,
+}
+
+/// Where traces and metrics are exported.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `RUST_LOG`-style filter for the logs; `info` when absent.
+    pub log_filter: Option<String>,
+    /// Logs as JSON lines instead of human-readable text.
+    pub log_json: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_id: "node-1".into(),
+            region: "local".into(),
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("bunting-data"),
+            store: StoreBackend::Redb,
+            flags_file: None,
+            admin_token: None,
+            limits: LimitsConfig::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_evaluation_body_bytes: 256 * 1024,
+            max_admin_body_bytes: bunting_model::limits::MAX_DOCUMENT_BYTES + 64 * 1024,
+            requests_per_second_per_token: 50_000,
+            burst_per_token: 100_000,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms.max(1))
+    }
+}
+
+impl NodeConfig {
+    /// Reads a TOML file; unknown keys are errors, so a typo does not silently fall back.
+    pub fn from_file(path: &Path) -> Result<NodeConfig, NodeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+        NodeConfig::from_toml(&text)
+            .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn from_toml(text: &str) -> Result<NodeConfig, String> {
+        let config: NodeConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if self.node_id.is_empty() || self.node_id.len() > 64 {
+            return Err("node_id must be 1-64 bytes".into());
+        }
+        if self.region.is_empty() || self.region.len() > 64 {
+            return Err("region must be 1-64 bytes".into());
+        }
+        if self.limits.requests_per_second_per_token == 0 || self.limits.burst_per_token == 0 {
+            return Err(
+                "limits.requests_per_second_per_token and burst_per_token must be > 0".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default_config() {
+        let c = NodeConfig::from_toml("").unwrap();
+        assert_eq!(c.node_id, "node-1");
+        assert_eq!(c.store, StoreBackend::Redb);
+    }
+
+    #[test]
+    fn file_sets_region_node_and_store_and_rejects_typos() {
+        let c = NodeConfig::from_toml(
+            "node_id = \"eu-1\"\nregion = \"eu\"\nstore = \"memory\"\n[limits]\nburst_per_token = 5\n",
+        )
+        .unwrap();
+        assert_eq!((c.node_id.as_str(), c.region.as_str()), ("eu-1", "eu"));
+        assert_eq!(c.store, StoreBackend::Memory);
+        assert_eq!(c.limits.burst_per_token, 5);
+        let err = NodeConfig::from_toml("regoin = \"eu\"").unwrap_err();
+        assert!(err.contains("regoin"), "{err}");
+    }
+}

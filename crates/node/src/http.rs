@@ -1,0 +1,301 @@
+//! The HTTP server: shared state, the router, the change stream, health, readiness and metrics.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::StreamExt;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::admin;
+use crate::auth::{Scope, Tokens};
+use crate::config::LimitsConfig;
+use crate::driver::{DriverHandle, Identity};
+use crate::error::ApiError;
+use crate::ofrep;
+use crate::snapshot::Snapshots;
+
+/// What every handler shares.
+pub struct AppState {
+    pub snapshots: Arc<Snapshots>,
+    pub tokens: Arc<Tokens>,
+    /// Set once the flag sets are loaded; admin calls answer 503 before that.
+    pub driver: OnceLock<DriverHandle>,
+    pub ready: Arc<AtomicBool>,
+    pub identity: Identity,
+    pub limits: LimitsConfig,
+    pub started: Instant,
+    pub metrics: Metrics,
+    /// Turns true when the server begins a graceful shutdown; event streams end then.
+    pub stopping: watch::Receiver<bool>,
+}
+
+impl AppState {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~1.6 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// Request metrics (evaluation counts live with the snapshots).
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "bunting_http_requests",
+            "HTTP requests by route, method and status",
+            requests.clone(),
+        );
+        registry.register(
+            "bunting_http_request_duration_seconds",
+            "HTTP request latency by route",
+            latency.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+        }
+    }
+}
+
+async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().as_str().to_owned();
+    let start = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    state
+        .metrics
+        .latency
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+        })
+        .observe(start.elapsed().as_secs_f64());
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route,
+            method,
+            status,
+        })
+        .inc();
+    response
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode_registry(&mut text, &state.metrics.registry)
+        .is_err()
+    {
+        return ApiError::internal("metrics could not be encoded").into_response();
+    }
+    state.snapshots.counters().render(&mut text);
+    text.push_str("# EOF\n");
+    let mut r = text.into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
+
+/// `GET /api/v1/flagsets/{set}/stream`: Server-Sent Events, one `refetchEvaluation` message per
+/// change of the flag set (OFREP ADR 0008). The key may come as `?apiKey=` because a browser's
+/// EventSource cannot set headers.
+async fn stream(
+    State(state): State<Arc<AppState>>,
+    Path(set): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state
+        .tokens
+        .authorize(
+            &headers,
+            params.get("apiKey").map(String::as_str),
+            Scope::Evaluate,
+            Some(&set),
+        )
+        .map_err(|r| r.into_api_error())?;
+    if state.snapshots.get(&set).is_none() {
+        return Err(ApiError::not_found(format!(
+            "flag set {set:?} does not exist"
+        )));
+    }
+    let mut stopping = state.stopping.clone();
+    let stop = async move {
+        // Ends the stream on shutdown (or when the sender is gone).
+        let _ = stopping.wait_for(|s| *s).await;
+    };
+    let events = BroadcastStream::new(state.snapshots.subscribe())
+        .filter_map(move |notice| {
+            let set = set.clone();
+            async move {
+                let data = match notice {
+                    Ok(n) if *n.flag_set == *set => json!({
+                        "type": "refetchEvaluation",
+                        "etag": n.version,
+                        "lastModified": n.changed_at,
+                    }),
+                    Ok(_) => return None,
+                    // Missed notices: tell the client to refetch anyway.
+                    Err(BroadcastStreamRecvError::Lagged(_)) => {
+                        json!({"type": "refetchEvaluation"})
+                    }
+                };
+                let id = match &data["etag"] {
+                    serde_json::Value::String(v) => v.clone(),
+                    _ => "lagged".into(),
+                };
+                Some(Ok::<_, Infallible>(
+                    Event::default()
+                        .event("message")
+                        .id(id)
+                        .data(data.to_string()),
+                ))
+            }
+        })
+        .take_until(stop);
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::raw(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        json!({"errorDetails": "an internal error occurred while handling the request"}),
+    )
+    .into_response()
+}
+
+/// Every route of the node.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limits = &state.limits;
+    let evaluation = Router::new()
+        .route("/ofrep/v1/evaluate/flags", post(ofrep::evaluate_all))
+        .route("/ofrep/v1/evaluate/flags/{key}", post(ofrep::evaluate_flag))
+        .layer(DefaultBodyLimit::max(limits.max_evaluation_body_bytes));
+    let api = Router::new()
+        .route("/api/v1/status", get(admin::status))
+        .route(
+            "/api/v1/flagsets",
+            get(admin::list_sets).post(admin::create_set),
+        )
+        .route(
+            "/api/v1/flagsets/{set}",
+            get(admin::download_set).put(admin::upload_set),
+        )
+        .route(
+            "/api/v1/flagsets/{set}/flags",
+            get(admin::list_flags).post(admin::create_flag),
+        )
+        .route(
+            "/api/v1/flagsets/{set}/flags/{key}",
+            get(admin::get_flag)
+                .put(admin::put_flag)
+                .patch(admin::patch_flag)
+                .delete(admin::delete_flag),
+        )
+        .route(
+            "/api/v1/flagsets/{set}/flags/{key}/toggle",
+            post(admin::toggle_flag),
+        )
+        .route(
+            "/api/v1/flagsets/{set}/flags/{key}/history",
+            get(admin::flag_history),
+        )
+        .route("/api/v1/flagsets/{set}/history", get(admin::history))
+        .route("/api/v1/flagsets/{set}/conflicts", get(admin::conflicts))
+        .route("/api/v1/flagsets/{set}/broken", get(admin::broken))
+        .route(
+            "/api/v1/tokens",
+            get(admin::list_tokens).post(admin::create_token),
+        )
+        .route(
+            "/api/v1/tokens/{id}",
+            axum::routing::delete(admin::revoke_token),
+        )
+        .layer(DefaultBodyLimit::max(limits.max_admin_body_bytes));
+    // Everything but the event stream (which lives until the client leaves) has a deadline.
+    #[allow(deprecated)]
+    let timeout = tower_http::timeout::TimeoutLayer::new(limits.request_timeout());
+    evaluation
+        .merge(api)
+        .layer(timeout)
+        .route("/api/v1/flagsets/{set}/stream", get(stream))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
+        .with_state(state)
+}

@@ -1,0 +1,105 @@
+//! The `bunting` binary: parses the command line and runs the node or an admin command.
+
+use std::process::ExitCode;
+
+use bunting_node::cli::{Cli, Command, ServeArgs};
+use bunting_node::{client, serve, NodeConfig, NodeError};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bunting: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => run_serve(args).await,
+            Command::Flags(args) => client::flags(args).await,
+            Command::Tokens(args) => client::tokens(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bunting: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_from(args: ServeArgs) -> Result<NodeConfig, NodeError> {
+    let mut config = match &args.config {
+        Some(path) => NodeConfig::from_file(path)?,
+        None => NodeConfig::default(),
+    };
+    if let Some(v) = args.http {
+        config.http = v;
+    }
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    if let Some(v) = args.flags {
+        config.flags_file = Some(v);
+    }
+    if let Some(v) = args.node_id {
+        config.node_id = v;
+    }
+    if let Some(v) = args.region {
+        config.region = v;
+    }
+    if let Some(v) = args.store {
+        config.store = v;
+    }
+    config.admin_token = args.admin_token;
+    config.check().map_err(NodeError::Config)?;
+    Ok(config)
+}
+
+async fn run_serve(args: ServeArgs) -> Result<(), NodeError> {
+    let config = config_from(args)?;
+    let filter = config
+        .telemetry
+        .log_filter
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(EnvFilter::new(filter));
+    if config.telemetry.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let listener = tokio::net::TcpListener::bind(config.http).await?;
+    // The bound address on stdout lets scripts use port 0.
+    println!("listening on http://{}", listener.local_addr()?);
+    serve(listener, config, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
