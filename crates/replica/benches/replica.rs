@@ -140,7 +140,8 @@ fn empty_replica(node: &str) -> Replica {
 }
 
 fn one_field_write(pair: &mut Pair, i: usize) {
-    let state = if i.is_multiple_of(2) {
+    // Each pass over the flags flips their state, so every write changes something.
+    let state = if (i / FLAGS).is_multiple_of(2) {
         FlagState::Disabled
     } else {
         FlagState::Enabled
@@ -175,7 +176,7 @@ fn benches(c: &mut Criterion) {
     pair.run();
     pair.bytes = 0;
     pair.frames = 0;
-    one_field_write(&mut pair, 1);
+    one_field_write(&mut pair, 0);
     eprintln!(
         "one-field change between replicas in sync: {} bytes in {} frames",
         pair.bytes, pair.frames
@@ -222,7 +223,7 @@ fn benches(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("10k-flags-sync");
     g.sample_size(50);
-    let mut i = 0;
+    let mut i = 1;
     g.bench_function("one-field change between replicas in sync", |b| {
         b.iter(|| {
             i += 1;

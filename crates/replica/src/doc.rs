@@ -26,7 +26,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
-use automerge::{ActorId, Automerge, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue, ROOT};
+use automerge::{
+    ActorId, Automerge, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue, ScalarValueRef, ValueRef,
+    ROOT,
+};
 use bunting_engine::{CompileOptions, CompiledFlagSet};
 use bunting_model::{pointer, DefaultVariant, Flag, FlagSet, FlagsForm, Problem};
 use indexmap::IndexMap;
@@ -231,6 +234,15 @@ impl FlagSetDoc {
         }
         doc.apply_changes(parsed)
             .map_err(|e| Error::Load(e.to_string()))?;
+        // Automerge parks changes whose dependencies are missing; for stored data that means a
+        // record was lost, which must be reported rather than silently skipped.
+        let missing = doc.get_missing_deps(&[]);
+        if !missing.is_empty() {
+            return Err(Error::Load(format!(
+                "{} stored change(s) depend on changes that are not stored",
+                missing.len()
+            )));
+        }
         if doc.get_heads().is_empty() {
             doc = genesis();
         } else if doc.get_change_by_hash(&genesis_hash()).is_none() {
@@ -349,44 +361,109 @@ impl FlagSetDoc {
     /// deletion raced an edit. Sorted by pointer.
     pub fn conflicts(&self) -> Vec<Conflict> {
         let mut out = Vec::new();
-        let Some(flags) = self.root_map("flags", None) else {
-            return out;
-        };
-        for key in self.doc.keys(&flags) {
-            let all = self.doc.get_all(&flags, key.as_str()).unwrap_or_default();
-            if all.len() > 1 {
-                let winner = self.flag_obj(&key, None);
-                let values = all
-                    .iter()
-                    .map(|(v, id)| ConflictValue {
-                        value: match v {
-                            automerge::Value::Object(ObjType::Map) => {
-                                Some(self.render_flag(id, None))
-                            }
-                            _ => None,
-                        },
-                        author: self.author_of_op(id),
-                        winner: winner.as_ref() == Some(id),
-                    })
-                    .collect();
-                out.push(Conflict {
-                    pointer: Field::Flag(key.clone()).pointer(),
-                    kind: ConflictKind::ConcurrentValues,
-                    values,
-                });
+        for field in self.conflicted_fields() {
+            match &field {
+                Field::Flag(key) => self.push_flag_conflict(key, &mut out),
+                _ => self.push_field_conflict(&field, &mut out),
             }
-            if let Some(obj) = self.flag_obj(&key, None) {
-                for field in self.fields_of_flag(&key, &obj) {
-                    self.push_field_conflict(&field, &mut out);
-                }
-            }
-        }
-        for field in self.set_fields(None) {
-            self.push_field_conflict(&field, &mut out);
         }
         out.extend(self.delete_conflicts());
         out.sort_by(|a, b| a.pointer.cmp(&b.pointer));
         out
+    }
+
+    /// Fields holding concurrent values, found in one pass over the document.
+    fn conflicted_fields(&self) -> Vec<Field> {
+        let mut tree = self.tree(None);
+        let mut entries = |o: &ObjId| tree.remove(o).unwrap_or_default();
+        let mut fields = Vec::new();
+        for root in entries(&ROOT) {
+            match (root.key.as_str(), &root.node) {
+                ("flags", Node::Map(flags)) => {
+                    for flag in entries(flags) {
+                        if flag.conflict {
+                            fields.push(Field::Flag(flag.key.clone()));
+                        }
+                        if let Node::Map(obj) = &flag.node {
+                            flag_conflicts(&flag.key, obj, &mut entries, &mut fields);
+                        }
+                    }
+                }
+                ("$evaluators" | "metadata" | "extra", Node::Map(m)) => {
+                    for e in entries(m) {
+                        if e.conflict {
+                            fields.push(match root.key.as_str() {
+                                "$evaluators" => Field::Evaluator(e.key),
+                                "metadata" => Field::SetMetadata(e.key),
+                                _ => Field::SetExtra(e.key),
+                            });
+                        }
+                    }
+                }
+                ("$schema", _) if root.conflict => fields.push(Field::Schema),
+                ("flagsForm", _) if root.conflict => fields.push(Field::FlagsForm),
+                _ => {}
+            }
+        }
+        fields
+    }
+}
+
+/// Conflicted fields inside one flag's map.
+fn flag_conflicts(
+    key: &str,
+    flag: &ObjId,
+    entries: &mut dyn FnMut(&ObjId) -> Vec<Entry>,
+    fields: &mut Vec<Field>,
+) {
+    let k = || key.to_owned();
+    for entry in entries(flag) {
+        match (entry.key.as_str(), &entry.node) {
+            ("variants" | "metadata" | "extra", Node::Map(sub)) => {
+                for e in entries(sub) {
+                    if e.conflict {
+                        fields.push(match entry.key.as_str() {
+                            "variants" => Field::Variant(k(), e.key),
+                            "metadata" => Field::FlagMetadata(k(), e.key),
+                            _ => Field::FlagExtra(k(), e.key),
+                        });
+                    }
+                }
+            }
+            ("state", _) if entry.conflict => fields.push(Field::State(k())),
+            ("defaultVariant", _) if entry.conflict => fields.push(Field::DefaultVariant(k())),
+            ("targeting", _) if entry.conflict => fields.push(Field::Targeting(k())),
+            _ => {}
+        }
+    }
+}
+
+impl FlagSetDoc {
+    fn push_flag_conflict(&self, key: &str, out: &mut Vec<Conflict>) {
+        let Some(flags) = self.root_map("flags", None) else {
+            return;
+        };
+        let all = self.doc.get_all(&flags, key).unwrap_or_default();
+        if all.len() < 2 {
+            return;
+        }
+        let winner = self.flag_obj(key, None);
+        let values = all
+            .iter()
+            .map(|(v, id)| ConflictValue {
+                value: match v {
+                    automerge::Value::Object(ObjType::Map) => Some(self.render_flag(id, None)),
+                    _ => None,
+                },
+                author: self.author_of_op(id),
+                winner: winner.as_ref() == Some(id),
+            })
+            .collect();
+        out.push(Conflict {
+            pointer: Field::Flag(key.to_owned()).pointer(),
+            kind: ConflictKind::ConcurrentValues,
+            values,
+        });
     }
 
     /// The audit log: newest first (by wall time, then change hash), optionally for one flag.
@@ -780,117 +857,150 @@ impl FlagSetDoc {
         }
     }
 
-    /// A map of JSON leaves, decoded; undecodable leaves are skipped.
-    fn leaf_map(&self, obj: &ObjId, at: Option<&[ChangeHash]>) -> Map<String, Value> {
-        let mut out = Map::new();
-        for key in self.keys_of(obj, at) {
-            let got = match at {
-                Some(h) => self.doc.get_at(obj, key.as_str(), h),
-                None => self.doc.get(obj, key.as_str()),
-            };
-            if let Ok(Some((v, _))) = got {
-                if let Some(json) = decode_leaf(&v) {
-                    out.insert(key, json);
-                }
-            }
+    /// The entries of one map, in key order, each a decoded JSON leaf or a nested map.
+    fn entries(&self, obj: &ObjId, at: Option<&[ChangeHash]>) -> Vec<Entry> {
+        let read = Entry::from_item;
+        match at {
+            Some(h) => self.doc.map_range_at(obj, .., h).map(read).collect(),
+            None => self.doc.map_range(obj, ..).map(read).collect(),
         }
-        out
     }
 
-    fn leaf(&self, obj: &ObjId, key: &str, at: Option<&[ChangeHash]>) -> Option<Value> {
-        let got = match at {
-            Some(h) => self.doc.get_at(obj, key, h),
-            None => self.doc.get(obj, key),
-        };
-        decode_leaf(&got.ok()??.0)
+    /// Every map of the document with its entries, read in one pass (much cheaper than one range
+    /// read per map when rendering everything).
+    fn tree(&self, at: Option<&[ChangeHash]>) -> HashMap<ObjId, Vec<Entry>> {
+        let mut tree: HashMap<ObjId, Vec<Entry>> = HashMap::new();
+        for item in self.doc.iter_at(ROOT, at) {
+            if let automerge::iter::DocItem::Map(m) = item.item {
+                tree.entry((*item.obj).clone())
+                    .or_default()
+                    .push(Entry::from_item(m));
+            }
+        }
+        for entries in tree.values_mut() {
+            entries.sort_by(|a, b| a.key.cmp(&b.key));
+        }
+        tree
+    }
+
+    /// A map of JSON leaves, decoded; undecodable leaves are skipped.
+    fn leaf_map(&self, obj: &ObjId, at: Option<&[ChangeHash]>) -> Map<String, Value> {
+        leaf_map_of(self.entries(obj, at))
     }
 
     /// One flag's map as flagd JSON.
     fn render_flag(&self, obj: &ObjId, at: Option<&[ChangeHash]>) -> Value {
-        let mut out = Map::new();
-        if let Some(v) = self.leaf(obj, "state", at) {
-            out.insert("state".into(), v);
-        }
-        let variants = self
-            .sub_map(obj, "variants", at)
-            .map(|m| self.leaf_map(&m, at))
-            .unwrap_or_default();
-        out.insert("variants".into(), Value::Object(variants));
-        if let Some(v) = self.leaf(obj, "defaultVariant", at) {
-            out.insert("defaultVariant".into(), v);
-        }
-        if let Some(v) = self.leaf(obj, "targeting", at) {
-            out.insert("targeting".into(), v);
-        }
-        if let Some(m) = self.sub_map(obj, "metadata", at) {
-            let metadata = self.leaf_map(&m, at);
-            if !metadata.is_empty() {
-                out.insert("metadata".into(), Value::Object(metadata));
-            }
-        }
-        if let Some(m) = self.sub_map(obj, "extra", at) {
-            for (k, v) in self.leaf_map(&m, at) {
-                if !is_flag_member(&k) {
-                    out.insert(k, v);
-                }
-            }
-        }
-        Value::Object(out)
+        render_flag_from(obj, &mut |o| self.entries(o, at))
     }
 
     /// The whole document as flagd JSON (map form unless the stored form says array).
     fn render(&self, at: Option<&[ChangeHash]>) -> Value {
-        let mut out = Map::new();
-        if let Some(Value::String(s)) = self.leaf(&ROOT, "$schema", at) {
-            out.insert("$schema".into(), Value::String(s));
-        }
-        let mut flags = Map::new();
-        if let Some(obj) = self.root_map("flags", at) {
-            for key in self.keys_of(&obj, at) {
-                if let Some(f) = self.sub_map(&obj, &key, at) {
-                    flags.insert(key, self.render_flag(&f, at));
-                }
-            }
-        }
-        let array_form = self.leaf(&ROOT, "flagsForm", at) == Some(json!("array"));
-        if array_form {
-            let list = flags
-                .into_iter()
-                .map(|(k, mut v)| {
-                    let mut obj = Map::new();
-                    obj.insert("key".into(), Value::String(k));
-                    if let Value::Object(m) = &mut v {
-                        obj.append(m);
-                    }
-                    Value::Object(obj)
-                })
-                .collect();
-            out.insert("flags".into(), Value::Array(list));
-        } else {
-            out.insert("flags".into(), Value::Object(flags));
-        }
-        if let Some(obj) = self.root_map("$evaluators", at) {
-            let e = self.leaf_map(&obj, at);
-            if !e.is_empty() {
-                out.insert("$evaluators".into(), Value::Object(e));
-            }
-        }
-        if let Some(obj) = self.root_map("metadata", at) {
-            let m = self.leaf_map(&obj, at);
-            if !m.is_empty() {
-                out.insert("metadata".into(), Value::Object(m));
-            }
-        }
-        if let Some(obj) = self.root_map("extra", at) {
-            for (k, v) in self.leaf_map(&obj, at) {
-                if !matches!(k.as_str(), "flags" | "$evaluators" | "metadata" | "$schema") {
-                    out.insert(k, v);
-                }
-            }
-        }
-        Value::Object(out)
+        let mut tree = self.tree(at);
+        render_from(&mut |o| tree.remove(o).unwrap_or_default())
     }
+}
 
+/// One flag's map as flagd JSON; `entries` yields each map's entries.
+fn render_flag_from(obj: &ObjId, entries: &mut dyn FnMut(&ObjId) -> Vec<Entry>) -> Value {
+    let mut state = None;
+    let mut default_variant = None;
+    let mut targeting = None;
+    let mut variants = Map::new();
+    let mut metadata = Map::new();
+    let mut extra = Map::new();
+    for e in entries(obj) {
+        match (e.key.as_str(), e.node) {
+            ("state", Node::Leaf(v)) => state = v,
+            ("defaultVariant", Node::Leaf(v)) => default_variant = v,
+            ("targeting", Node::Leaf(v)) => targeting = v,
+            ("variants", Node::Map(m)) => variants = leaf_map_of(entries(&m)),
+            ("metadata", Node::Map(m)) => metadata = leaf_map_of(entries(&m)),
+            ("extra", Node::Map(m)) => extra = leaf_map_of(entries(&m)),
+            _ => {}
+        }
+    }
+    let mut out = Map::new();
+    if let Some(v) = state {
+        out.insert("state".into(), v);
+    }
+    out.insert("variants".into(), Value::Object(variants));
+    if let Some(v) = default_variant {
+        out.insert("defaultVariant".into(), v);
+    }
+    if let Some(v) = targeting {
+        out.insert("targeting".into(), v);
+    }
+    if !metadata.is_empty() {
+        out.insert("metadata".into(), Value::Object(metadata));
+    }
+    for (k, v) in extra {
+        if !is_flag_member(&k) {
+            out.insert(k, v);
+        }
+    }
+    Value::Object(out)
+}
+
+/// The whole document as flagd JSON; `entries` yields each map's entries.
+fn render_from(entries: &mut dyn FnMut(&ObjId) -> Vec<Entry>) -> Value {
+    let mut schema = None;
+    let mut array_form = false;
+    let mut flags = Map::new();
+    let mut evaluators = Map::new();
+    let mut metadata = Map::new();
+    let mut extra = Map::new();
+    for e in entries(&ROOT) {
+        match (e.key.as_str(), e.node) {
+            ("$schema", Node::Leaf(Some(Value::String(s)))) => schema = Some(s),
+            ("flagsForm", Node::Leaf(v)) => array_form = v == Some(json!("array")),
+            ("flags", Node::Map(m)) => {
+                for f in entries(&m) {
+                    if let Node::Map(obj) = f.node {
+                        flags.insert(f.key, render_flag_from(&obj, entries));
+                    }
+                }
+            }
+            ("$evaluators", Node::Map(m)) => evaluators = leaf_map_of(entries(&m)),
+            ("metadata", Node::Map(m)) => metadata = leaf_map_of(entries(&m)),
+            ("extra", Node::Map(m)) => extra = leaf_map_of(entries(&m)),
+            _ => {}
+        }
+    }
+    let mut out = Map::new();
+    if let Some(s) = schema {
+        out.insert("$schema".into(), Value::String(s));
+    }
+    if array_form {
+        let list = flags
+            .into_iter()
+            .map(|(k, mut v)| {
+                let mut obj = Map::new();
+                obj.insert("key".into(), Value::String(k));
+                if let Value::Object(m) = &mut v {
+                    obj.append(m);
+                }
+                Value::Object(obj)
+            })
+            .collect();
+        out.insert("flags".into(), Value::Array(list));
+    } else {
+        out.insert("flags".into(), Value::Object(flags));
+    }
+    if !evaluators.is_empty() {
+        out.insert("$evaluators".into(), Value::Object(evaluators));
+    }
+    if !metadata.is_empty() {
+        out.insert("metadata".into(), Value::Object(metadata));
+    }
+    for (k, v) in extra {
+        if !matches!(k.as_str(), "flags" | "$evaluators" | "metadata" | "$schema") {
+            out.insert(k, v);
+        }
+    }
+    Value::Object(out)
+}
+
+impl FlagSetDoc {
     fn fields_of_flag(&self, key: &str, obj: &ObjId) -> Vec<Field> {
         self.fields_of_flag_at(key, obj, None)
     }
@@ -1164,6 +1274,47 @@ impl ChangeRecord {
             operation: self.operation,
         }
     }
+}
+
+fn leaf_map_of(entries: Vec<Entry>) -> Map<String, Value> {
+    entries
+        .into_iter()
+        .filter_map(|e| match e.node {
+            Node::Leaf(Some(v)) => Some((e.key, v)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One entry of a map in the document.
+struct Entry {
+    key: String,
+    node: Node,
+    /// Whether the key holds concurrent values.
+    conflict: bool,
+}
+
+impl Entry {
+    fn from_item(item: automerge::iter::MapRangeItem<'_>) -> Entry {
+        let node = match &item.value {
+            ValueRef::Object(ObjType::Map) => Node::Map(item.id()),
+            ValueRef::Scalar(ScalarValueRef::Str(text)) => {
+                Node::Leaf(serde_json::from_str(text).ok())
+            }
+            _ => Node::Leaf(None),
+        };
+        Entry {
+            key: item.key.into_owned(),
+            node,
+            conflict: item.conflict,
+        }
+    }
+}
+
+enum Node {
+    /// A JSON leaf, decoded (`None` when it does not decode).
+    Leaf(Option<Value>),
+    Map(ObjId),
 }
 
 /// The document every replica starts from, identical everywhere.
@@ -1904,5 +2055,10 @@ mod tests {
         let mut torn = doc.save();
         torn.truncate(torn.len() - 3);
         assert!(FlagSetDoc::load(Some(&torn), &[], identity("a")).is_err());
+        // A lost record in the middle is reported, not skipped.
+        put(&mut doc, "g", bool_flag("on"), 2);
+        let mut changes = doc.changes_since(&[]);
+        changes.remove(1);
+        assert!(FlagSetDoc::load(None, &changes, identity("a")).is_err());
     }
 }

@@ -700,6 +700,9 @@ fn check_message(message: &sync::Message) -> Result<(), Error> {
             message.have.len()
         )));
     }
+    for have in &message.have {
+        check_bloom(&have.bloom.to_bytes())?;
+    }
     for data in message.changes.iter() {
         let mut rest = data;
         while !rest.is_empty() {
@@ -726,6 +729,25 @@ fn check_message(message: &sync::Message) -> Result<(), Error> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Refuses bloom filters Automerge would divide by zero on or allocate without bound for (its
+/// parameters are read from the wire): a non-empty filter needs 1–64 bits per entry, 1–64 probes and
+/// at least one byte of bits.
+fn check_bloom(encoded: &[u8]) -> Result<(), Error> {
+    if encoded.is_empty() {
+        return Ok(());
+    }
+    let bad = || Error::Protocol("bloom filter with unusable parameters".into());
+    let mut rest = encoded;
+    let mut next = || leb128::read::unsigned(&mut rest).map_err(|_| bad());
+    let _entries = next()?;
+    let bits_per_entry = next()?;
+    let probes = next()?;
+    if !(1..=64).contains(&bits_per_entry) || !(1..=64).contains(&probes) || rest.is_empty() {
+        return Err(bad());
     }
     Ok(())
 }

@@ -432,6 +432,38 @@ fn hostile_frames_never_change_the_document() {
     assert!(!c.nodes[1].protocol_errors.is_empty());
 }
 
+#[test]
+fn a_bloom_filter_with_hostile_parameters_is_refused_without_a_panic() {
+    let mut c = Cluster::new(2);
+    c.write(0, put_flag("f")).unwrap();
+    c.settle();
+    let heads = c.nodes[1].heads();
+    // entries=1, bits per entry=0 (Automerge would divide by zero), then probes=2^32-1.
+    for bloom in [
+        vec![1u8, 0, 7, 0xff],
+        vec![1, 10, 0xff, 0xff, 0xff, 0xff, 0x0f, 0xff, 0xff],
+    ] {
+        let message = automerge::sync::Message {
+            heads: heads.clone(),
+            need: Vec::new(),
+            have: vec![automerge::sync::Have {
+                last_sync: Vec::new(),
+                bloom: automerge::sync::BloomFilter::try_from(bloom.as_slice()).unwrap(),
+            }],
+            changes: Vec::<Vec<u8>>::new().into(),
+            flags: None,
+            version: automerge::sync::MessageVersion::V1,
+        };
+        let frame = wire::encode(wire::FrameKind::Sync, SET, &message.encode(), 1 << 20).unwrap();
+        c.nodes[1]
+            .replica
+            .handle_message(&PeerId(name(0)), &frame, c.now);
+        c.collect();
+    }
+    assert_eq!(c.nodes[1].protocol_errors.len(), 2);
+    assert_eq!(c.nodes[1].heads(), heads);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
@@ -556,7 +588,7 @@ fn command(flag: usize, op: u8) -> WriteCommand {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
     fn replicas_converge_after_any_interleaving_and_message_faults(
