@@ -5,19 +5,32 @@
 //! with a oneshot for the reply), so the document implementation behind it can change without
 //! touching the HTTP layer.
 //!
-//! Persist-before-ack: a write's reply is sent only after its change record was appended to the
-//! store (on a blocking thread) and the new snapshot was swapped in, so a client that got a 2xx
-//! reads its own write from any later evaluation on this node, and finds it after a crash.
+//! The documents are a [`bunting_replica::Replica`]; the driver carries out its effects:
+//!
+//! - `PersistRequest` → [`Store::append_changes`] on a blocking thread → `Replica::persisted`;
+//! - `WriteAcknowledged` → the write's HTTP reply (persist-before-ack);
+//! - `FlagSetChanged` → recompile with the engine and swap the snapshot, but only once nothing of
+//!   that flag set is waiting to be stored, so evaluations never serve a change this node could
+//!   still lose in a crash;
+//! - timers (`poll_timeout` / `handle_timeout`) on the wall clock. Frames for peers
+//!   (`poll_transmit`) are dropped until the gossip transport (a later issue) takes them.
+//!
+//! A client that got a 2xx therefore reads its own write from any later evaluation on this node,
+//! and finds it after a crash.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use bunting_model::{DefaultVariant, Flag, FlagSet, FlagState, Problem, Problems};
-use bunting_store::Store;
+use bunting_model::{DefaultVariant, Flag, FlagSet, FlagState, Problems};
+use bunting_replica::{
+    ChangeHash, ConflictKind, Event, HistoryQuery, PeerId, PersistId, PersistRequest, Replica,
+    ReplicaConfig, StoredFlagSet, Timestamp, Write, WriteCommand, WriteId,
+};
+use bunting_store::{Store, COMPACT_AFTER_CHANGES};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use sha2::{Digest, Sha256};
+use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::snapshot::Snapshots;
@@ -315,25 +328,31 @@ pub struct Identity {
     pub incarnation: u64,
 }
 
-/// The record appended to the store for one change.
-#[derive(Serialize, Deserialize)]
-struct ChangeRecord {
-    /// The whole flagd document after the change.
-    document: Value,
-    entry: HistoryEntry,
-}
+type Reply = oneshot::Sender<Result<Vec<String>, Refused>>;
 
-struct Doc {
-    set: FlagSet,
-    history: Vec<HistoryEntry>,
-    heads: Vec<String>,
+/// The outcome of one persist task.
+struct Persisted {
+    id: PersistId,
+    flag_set: String,
+    result: Result<u64, String>,
+    /// The request, kept to retry it when the store failed.
+    request: PersistRequest,
 }
 
 struct Driver {
+    replica: Replica,
     store: Arc<dyn Store>,
     snapshots: Arc<Snapshots>,
-    identity: Identity,
-    docs: BTreeMap<String, Doc>,
+    /// Writes waiting for their acknowledgement.
+    waiting: HashMap<WriteId, Reply>,
+    /// Persist requests in flight, per flag set.
+    in_flight: HashMap<String, usize>,
+    /// Flag sets changed but not yet published (they wait for their persists).
+    dirty: BTreeSet<String>,
+    /// Highest stored change sequence number per flag set, and changes since its snapshot.
+    stored: HashMap<String, (u64, u64)>,
+    done_tx: mpsc::UnboundedSender<Persisted>,
+    done_rx: mpsc::UnboundedReceiver<Persisted>,
 }
 
 /// Loads every flag set from the store (creating `default`, from `initial` when given, on first
@@ -345,72 +364,85 @@ pub async fn start(
     initial: Option<FlagSet>,
     ready: Arc<AtomicBool>,
 ) -> Result<(DriverHandle, tokio::task::JoinHandle<()>), NodeError> {
-    let loaded = {
+    let (stored_sets, seqs) = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || load_all(store.as_ref()))
             .await
             .map_err(|e| NodeError::Corrupt(format!("load task failed: {e}")))??
     };
-    let mut driver = Driver {
+    let config = ReplicaConfig::new(
+        identity.node.clone(),
+        identity.region.clone(),
+        identity.incarnation,
+    );
+    let replica = Replica::restore(config, stored_sets, Timestamp(now_ms()))
+        .map_err(|e| NodeError::Corrupt(e.to_string()))?;
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let driver = Driver {
+        replica,
         store,
         snapshots,
-        identity,
-        docs: loaded,
+        waiting: HashMap::new(),
+        in_flight: HashMap::new(),
+        dirty: BTreeSet::new(),
+        stored: seqs,
+        done_tx,
+        done_rx,
     };
-    if !driver.docs.contains_key(DEFAULT_FLAG_SET) {
+    let now = now_ms() / 1000;
+    for name in driver.replica.flag_set_names() {
+        driver.publish(&name, now);
+    }
+    let has_default = driver.replica.flag_set(DEFAULT_FLAG_SET).is_some();
+    let (tx, rx) = mpsc::channel(1024);
+    let task = tokio::spawn(driver.run(rx));
+    let handle = DriverHandle { tx };
+    if !has_default {
         let meta = WriteMeta {
             token_id: "node".into(),
             message: "first start".into(),
             wall_time_ms: now_ms(),
         };
-        let set = initial.unwrap_or_else(|| {
-            FlagSet::from_value(&serde_json::json!({"flags": {}})).unwrap_or_default()
-        });
-        driver
-            .commit(DEFAULT_FLAG_SET, set, None, "create-set", &meta)
+        handle
+            .create_flag_set(DEFAULT_FLAG_SET, meta.clone())
             .await
             .map_err(|r| {
                 NodeError::Config(format!("could not create the default flag set: {r:?}"))
             })?;
-    }
-    let now = now_ms() / 1000;
-    for (name, doc) in &driver.docs {
-        driver
-            .snapshots
-            .publish(name, &doc.set, doc.heads.clone(), now);
+        if let Some(set) = initial {
+            let meta = WriteMeta {
+                message: "loaded with --flags on first start".into(),
+                ..meta
+            };
+            handle
+                .write(DEFAULT_FLAG_SET, AdminWrite::ReplaceSet { set }, None, meta)
+                .await
+                .map_err(|r| NodeError::Config(format!("could not load --flags: {r:?}")))?;
+        }
     }
     ready.store(true, Ordering::Release);
-    let (tx, rx) = mpsc::channel(1024);
-    let task = tokio::spawn(driver.run(rx));
-    Ok((DriverHandle { tx }, task))
+    Ok((handle, task))
 }
 
-fn load_all(store: &dyn Store) -> Result<BTreeMap<String, Doc>, NodeError> {
-    let mut docs = BTreeMap::new();
+type Loaded = (Vec<StoredFlagSet>, HashMap<String, (u64, u64)>);
+
+fn load_all(store: &dyn Store) -> Result<Loaded, NodeError> {
+    let mut sets = Vec::new();
+    let mut seqs = HashMap::new();
     for name in store.flag_sets()? {
         let loaded = store.load(&name)?;
-        let mut doc: Option<Doc> = None;
-        for change in &loaded.changes {
-            let record: ChangeRecord = serde_json::from_slice(&change.bytes).map_err(|e| {
-                NodeError::Corrupt(format!("flag set {name}, change {}: {e}", change.seq))
-            })?;
-            let set = FlagSet::from_value_unvalidated(&record.document).map_err(|p| {
-                NodeError::Corrupt(format!("flag set {name}, change {}: {p}", change.seq))
-            })?;
-            let d = doc.get_or_insert_with(|| Doc {
-                set: FlagSet::default(),
-                history: Vec::new(),
-                heads: Vec::new(),
-            });
-            d.set = set;
-            d.heads = vec![record.entry.change.clone()];
-            d.history.push(record.entry);
-        }
-        if let Some(d) = doc {
-            docs.insert(name, d);
-        }
+        seqs.insert(
+            name.clone(),
+            (loaded.last_seq(), loaded.changes.len() as u64),
+        );
+        sets.push(StoredFlagSet {
+            name,
+            snapshot: loaded.snapshot.map(|s| s.bytes),
+            changes: loaded.changes.into_iter().map(|c| c.bytes).collect(),
+            sync_states: Vec::new(),
+        });
     }
-    Ok(docs)
+    Ok((sets, seqs))
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -420,257 +452,443 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+fn hex_heads(heads: &[ChangeHash]) -> Vec<String> {
+    heads.iter().map(ToString::to_string).collect()
+}
+
+/// Heads from `If-Match`; `None` when one is not a change hash at all.
+fn parse_heads(heads: &[String]) -> Option<Vec<ChangeHash>> {
+    heads
+        .iter()
+        .map(|h| {
+            let bytes = hex::decode(h).ok()?;
+            ChangeHash::try_from(bytes.as_slice()).ok()
+        })
+        .collect()
+}
+
 impl Driver {
-    /// Serves commands until every handle is dropped; commands already queued are finished, so a
-    /// graceful shutdown completes in-flight writes.
+    /// Serves commands until [`DriverHandle::stop`] (or every handle is gone); commands queued
+    /// before that are finished, and so are their persists, so a graceful shutdown completes
+    /// in-flight writes.
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(command) = rx.recv().await {
-            match command {
-                Command::Write {
-                    flag_set,
-                    write,
-                    based_on,
-                    meta,
-                    reply,
-                } => {
-                    let result = self.write(&flag_set, *write, based_on, &meta).await;
-                    let _ = reply.send(result);
+        let mut stopping = false;
+        loop {
+            if stopping && self.waiting.is_empty() && self.in_flight.is_empty() {
+                break;
+            }
+            let next_timer = self
+                .replica
+                .poll_timeout()
+                .map(|t| Duration::from_millis(t.0.saturating_sub(now_ms())))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                command = rx.recv(), if !stopping => match command {
+                    Some(Command::Stop) | None => stopping = true,
+                    Some(command) => self.handle(command).await,
+                },
+                Some(done) = self.done_rx.recv() => self.on_persisted(done),
+                _ = tokio::time::sleep(next_timer) => {
+                    self.replica.handle_timeout(Timestamp(now_ms()));
+                    self.drain();
                 }
-                Command::CreateFlagSet { name, meta, reply } => {
-                    let result = if self.docs.contains_key(&name) {
-                        Err(Refused::FlagSetExists(name))
-                    } else {
-                        let empty = FlagSet::from_value(&serde_json::json!({"flags": {}}))
-                            .unwrap_or_default();
-                        self.commit(&name, empty, None, "create-set", &meta).await
-                    };
-                    let _ = reply.send(result);
-                }
-                Command::Read {
-                    flag_set,
-                    query,
-                    reply,
-                } => {
-                    let _ = reply.send(self.read(&flag_set, query));
-                }
-                Command::List { reply } => {
-                    let list = self
-                        .docs
-                        .iter()
-                        .map(|(name, d)| FlagSetSummary {
-                            name: name.clone(),
-                            flags: d.set.flags.len(),
-                            heads: d.heads.clone(),
-                        })
-                        .collect();
-                    let _ = reply.send(list);
-                }
-                Command::Stop => break,
             }
         }
-        tracing::info!("driver stopped: every queued write finished");
+        tracing::info!("driver stopped: every queued write is stored");
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::Write {
+                flag_set,
+                write,
+                based_on,
+                meta,
+                reply,
+            } => match self.local_write(&flag_set, *write, based_on, meta) {
+                Ok(id) => {
+                    self.waiting.insert(id, reply);
+                    self.drain();
+                }
+                Err(refused) => {
+                    let _ = reply.send(Err(refused));
+                }
+            },
+            Command::CreateFlagSet { name, meta, reply } => {
+                let _ = meta;
+                if self.replica.flag_set(&name).is_some() {
+                    let _ = reply.send(Err(Refused::FlagSetExists(name)));
+                    return;
+                }
+                if let Err(e) = self.replica.create_flag_set(&name, Timestamp(now_ms())) {
+                    let _ = reply.send(Err(Refused::Invalid(Problems(vec![
+                        bunting_model::Problem::new("/name", e.to_string()),
+                    ]))));
+                    return;
+                }
+                // An empty flag set has only the genesis change, which no write persists: store
+                // it so the flag set exists after a restart.
+                let genesis = self
+                    .replica
+                    .flag_set(&name)
+                    .map(|d| d.changes_since(&[]))
+                    .unwrap_or_default();
+                let heads = self
+                    .replica
+                    .flag_set(&name)
+                    .map(|d| hex_heads(&d.heads()))
+                    .unwrap_or_default();
+                let store = self.store.clone();
+                let set = name.clone();
+                // Creation is rare and needs no ordering with writes (genesis is the same
+                // everywhere), so the loop waits for it here and publishes once it is stored.
+                let result = tokio::task::spawn_blocking(move || {
+                    let refs: Vec<&[u8]> = genesis.iter().map(Vec::as_slice).collect();
+                    store.append_changes(&set, &refs)
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+                match result {
+                    Ok(receipt) => {
+                        self.stored.insert(
+                            name.clone(),
+                            (receipt.last_seq, receipt.changes_since_snapshot),
+                        );
+                        self.publish(&name, now_ms() / 1000);
+                        let _ = reply.send(Ok(heads));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(Refused::Store(e)));
+                    }
+                }
+                self.drain();
+            }
+            Command::Read {
+                flag_set,
+                query,
+                reply,
+            } => {
+                let _ = reply.send(self.read(&flag_set, query));
+            }
+            Command::List { reply } => {
+                let list = self
+                    .replica
+                    .flag_set_names()
+                    .into_iter()
+                    .filter_map(|name| {
+                        let doc = self.replica.flag_set(&name)?;
+                        Some(FlagSetSummary {
+                            flags: doc.to_flagd().flags.len(),
+                            heads: hex_heads(&doc.heads()),
+                            name,
+                        })
+                    })
+                    .collect();
+                let _ = reply.send(list);
+            }
+            Command::Stop => {}
+        }
+    }
+
+    /// Turns an admin write into a replica write; refusals change nothing.
+    fn local_write(
+        &mut self,
+        flag_set: &str,
+        write: AdminWrite,
+        based_on: Option<Vec<String>>,
+        meta: WriteMeta,
+    ) -> Result<WriteId, Refused> {
+        let doc = self
+            .replica
+            .flag_set(flag_set)
+            .ok_or_else(|| Refused::UnknownFlagSet(flag_set.to_owned()))?;
+        let flag_key = write.flag_key().map(str::to_owned);
+        let stale = |doc: &bunting_replica::FlagSetDoc| Refused::Stale {
+            current: match &flag_key {
+                Some(key) => vec![CurrentValue {
+                    pointer: bunting_model::pointer(["flags", key]),
+                    value: doc.flag(key).map(|f| f.to_value()),
+                }],
+                None => vec![CurrentValue {
+                    pointer: String::new(),
+                    value: Some(doc.to_flagd().to_value()),
+                }],
+            },
+            heads: hex_heads(&doc.heads()),
+        };
+        let based_on = match based_on {
+            None => None,
+            Some(heads) => Some(parse_heads(&heads).ok_or_else(|| stale(doc))?),
+        };
+        let command = match write {
+            AdminWrite::CreateFlag { key, flag } => {
+                if doc.flag(&key).is_some() {
+                    return Err(Refused::FlagExists(key));
+                }
+                WriteCommand::PutFlag { key, flag }
+            }
+            AdminWrite::PutFlag { key, flag } => WriteCommand::PutFlag { key, flag },
+            AdminWrite::PatchFlag { key, patch } => {
+                let mut flag = doc
+                    .flag(&key)
+                    .ok_or_else(|| Refused::FlagNotFound(key.clone()))?;
+                patch.apply(&mut flag);
+                WriteCommand::PutFlag { key, flag }
+            }
+            AdminWrite::SetState { key, state } => {
+                let current = doc
+                    .flag(&key)
+                    .ok_or_else(|| Refused::FlagNotFound(key.clone()))?;
+                let state = state.unwrap_or(match current.state {
+                    FlagState::Enabled => FlagState::Disabled,
+                    FlagState::Disabled => FlagState::Enabled,
+                });
+                WriteCommand::SetState { key, state }
+            }
+            AdminWrite::DeleteFlag { key } => WriteCommand::DeleteFlag { key },
+            AdminWrite::ReplaceSet { set } => WriteCommand::ReplaceSet { set },
+        };
+        let meta = bunting_replica::WriteMeta {
+            token_id: meta.token_id,
+            wall_time_ms: meta.wall_time_ms,
+            message: meta.message,
+        };
+        let result = self.replica.handle_local_write(
+            flag_set,
+            Write { command, based_on },
+            meta,
+            Timestamp(now_ms()),
+        );
+        result.map_err(|e| match e {
+            bunting_replica::Error::Invalid(p) => Refused::Invalid(p),
+            bunting_replica::Error::FlagNotFound(k) => Refused::FlagNotFound(k),
+            bunting_replica::Error::UnknownFlagSet(s) => Refused::UnknownFlagSet(s),
+            bunting_replica::Error::Stale { current } => Refused::Stale {
+                current: current
+                    .into_iter()
+                    .map(|f| CurrentValue {
+                        pointer: f.pointer,
+                        value: f.value,
+                    })
+                    .collect(),
+                heads: self
+                    .replica
+                    .flag_set(flag_set)
+                    .map(|d| hex_heads(&d.heads()))
+                    .unwrap_or_default(),
+            },
+            bunting_replica::Error::UnknownHeads(_) => match self.replica.flag_set(flag_set) {
+                Some(doc) => stale(doc),
+                None => Refused::UnknownFlagSet(flag_set.to_owned()),
+            },
+            other => Refused::Store(other.to_string()),
+        })
     }
 
     fn read(&self, flag_set: &str, query: Query) -> Result<(Answer, Vec<String>), Refused> {
         let doc = self
-            .docs
-            .get(flag_set)
+            .replica
+            .flag_set(flag_set)
             .ok_or_else(|| Refused::UnknownFlagSet(flag_set.to_owned()))?;
         let answer = match query {
-            Query::Flag(key) => Answer::Flag(doc.set.flags.get(&key).map(Flag::to_value)),
-            Query::Document => Answer::Document(doc.set.to_value()),
+            Query::Flag(key) => Answer::Flag(doc.flag(&key).map(|f| f.to_value())),
+            Query::Document => Answer::Document(doc.to_flagd().to_value()),
             Query::History {
                 flag,
                 offset,
                 limit,
             } => {
-                let matching: Vec<&HistoryEntry> = doc
-                    .history
-                    .iter()
-                    .rev()
-                    .filter(|e| flag.is_none() || e.flag == flag)
-                    .collect();
+                let all = doc.history(&HistoryQuery {
+                    flag,
+                    offset: 0,
+                    limit: usize::MAX,
+                });
                 let limit = if limit == 0 { 100 } else { limit.min(1000) };
                 Answer::History {
-                    total: matching.len(),
-                    entries: matching
+                    total: all.len(),
+                    entries: all
                         .into_iter()
                         .skip(offset)
                         .take(limit)
-                        .cloned()
+                        .map(|e| HistoryEntry {
+                            change: e.author.change,
+                            token_id: e.author.token_id,
+                            region: e.author.region,
+                            node: e.author.node,
+                            wall_time_ms: e.author.wall_time_ms,
+                            message: e.message,
+                            flag: e.flag,
+                            operation: e.operation,
+                        })
                         .collect(),
                 }
             }
-            // One writer per document here: no concurrent values until replication lands.
-            Query::Conflicts => Answer::Conflicts(Vec::new()),
+            Query::Conflicts => Answer::Conflicts(
+                doc.conflicts()
+                    .into_iter()
+                    .map(|c| {
+                        json!({
+                            "pointer": c.pointer,
+                            "kind": match c.kind {
+                                ConflictKind::ConcurrentValues => "concurrentValues",
+                                ConflictKind::DeletedWhileEdited => "deletedWhileEdited",
+                            },
+                            "values": c.values.into_iter().map(|v| json!({
+                                "value": v.value,
+                                "winner": v.winner,
+                                "author": v.author.map(|a| json!({
+                                    "tokenId": a.token_id,
+                                    "region": a.region,
+                                    "node": a.node,
+                                    "wallTimeMs": a.wall_time_ms,
+                                    "change": a.change,
+                                })),
+                            })).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect(),
+            ),
         };
-        Ok((answer, doc.heads.clone()))
+        Ok((answer, hex_heads(&doc.heads())))
     }
 
-    async fn write(
-        &mut self,
-        flag_set: &str,
-        write: AdminWrite,
-        based_on: Option<Vec<String>>,
-        meta: &WriteMeta,
-    ) -> Result<Vec<String>, Refused> {
-        let doc = self
-            .docs
-            .get(flag_set)
-            .ok_or_else(|| Refused::UnknownFlagSet(flag_set.to_owned()))?;
-        if let Some(based_on) = &based_on {
-            if !same_heads(based_on, &doc.heads) {
-                let current = match write.flag_key() {
-                    Some(key) => vec![CurrentValue {
-                        pointer: bunting_model::pointer(["flags", key]),
-                        value: doc.set.flags.get(key).map(Flag::to_value),
-                    }],
-                    None => vec![CurrentValue {
-                        pointer: String::new(),
-                        value: Some(doc.set.to_value()),
-                    }],
-                };
-                return Err(Refused::Stale {
-                    current,
-                    heads: doc.heads.clone(),
-                });
+    /// Carries out everything the replica asked for.
+    fn drain(&mut self) {
+        let mut acks = Vec::new();
+        while let Some(event) = self.replica.poll_event() {
+            match event {
+                Event::FlagSetChanged { flag_set, .. } => {
+                    self.dirty.insert(flag_set);
+                }
+                Event::PersistRequest(request) => self.persist(request),
+                Event::WriteAcknowledged { id, flag_set, .. } => acks.push((id, flag_set)),
+                Event::PeerSynced { .. } => {}
+                Event::ProtocolError { peer, error } => {
+                    tracing::warn!(peer = %peer.0, %error, "peer sent an unusable frame");
+                }
             }
         }
-        let mut set = doc.set.clone();
-        let operation = match write {
-            AdminWrite::CreateFlag { key, flag } => {
-                if set.flags.contains_key(&key) {
-                    return Err(Refused::FlagExists(key));
-                }
-                set.flags.insert(key, flag);
-                "create"
-            }
-            AdminWrite::PutFlag { key, flag } => {
-                let op = if set.flags.contains_key(&key) {
-                    "update"
-                } else {
-                    "create"
-                };
-                set.flags.insert(key, flag);
-                op
-            }
-            AdminWrite::PatchFlag { key, patch } => {
-                let flag = set
-                    .flags
-                    .get_mut(&key)
-                    .ok_or_else(|| Refused::FlagNotFound(key.clone()))?;
-                patch.apply(flag);
-                "update"
-            }
-            AdminWrite::SetState { key, state } => {
-                let flag = set
-                    .flags
-                    .get_mut(&key)
-                    .ok_or_else(|| Refused::FlagNotFound(key.clone()))?;
-                flag.state = state.unwrap_or(match flag.state {
-                    FlagState::Enabled => FlagState::Disabled,
-                    FlagState::Disabled => FlagState::Enabled,
-                });
-                "update"
-            }
-            AdminWrite::DeleteFlag { key } => {
-                if set.flags.shift_remove(&key).is_none() {
-                    return Err(Refused::FlagNotFound(key));
-                }
-                "delete"
-            }
-            AdminWrite::ReplaceSet { set: new } => {
-                set = new;
-                "replace-set"
-            }
-        };
-        // The result must validate as a whole: a write never makes a valid flag set invalid.
-        let checked = FlagSet::from_value(&set.to_value()).map_err(Refused::Invalid)?;
-        let flag = match operation {
-            "replace-set" => None,
-            _ => self.pending_flag_key(&checked, doc),
-        };
-        self.commit(flag_set, checked, flag, operation, meta).await
-    }
-
-    /// The key a flag-level write touched (the one whose value differs).
-    fn pending_flag_key(&self, new: &FlagSet, doc: &Doc) -> Option<String> {
-        new.flags
-            .keys()
-            .chain(doc.set.flags.keys())
-            .find(|k| new.flags.get(*k) != doc.set.flags.get(*k))
+        // No transport yet (the gossip issue adds it): frames for peers go nowhere.
+        while self.replica.poll_transmit().is_some() {}
+        let now = now_ms() / 1000;
+        let ready: Vec<String> = self
+            .dirty
+            .iter()
+            .filter(|s| self.in_flight.get(*s).copied().unwrap_or(0) == 0)
             .cloned()
+            .collect();
+        for name in ready {
+            self.dirty.remove(&name);
+            self.publish(&name, now);
+        }
+        // Replies go out after the snapshot swap, so a client reads its own write.
+        for (id, flag_set) in acks {
+            if let Some(reply) = self.waiting.remove(&id) {
+                let heads = self
+                    .replica
+                    .flag_set(&flag_set)
+                    .map(|d| hex_heads(&d.heads()))
+                    .unwrap_or_default();
+                let _ = reply.send(Ok(heads));
+            }
+        }
     }
 
-    /// Persists the new document, then swaps it in and publishes its snapshot.
-    async fn commit(
-        &mut self,
-        flag_set: &str,
-        set: FlagSet,
-        flag: Option<String>,
-        operation: &str,
-        meta: &WriteMeta,
-    ) -> Result<Vec<String>, Refused> {
-        let document = set.to_value();
-        let previous = self
-            .docs
-            .get(flag_set)
-            .map(|d| d.heads.clone())
-            .unwrap_or_default();
-        let mut hasher = Sha256::new();
-        hasher.update(serde_json::to_vec(&document).unwrap_or_default());
-        for h in &previous {
-            hasher.update(h.as_bytes());
+    fn publish(&self, name: &str, now_secs: u64) {
+        if let Some(doc) = self.replica.flag_set(name) {
+            self.snapshots
+                .publish(name, &doc.to_flagd(), hex_heads(&doc.heads()), now_secs);
         }
-        hasher.update(self.identity.node.as_bytes());
-        hasher.update(self.identity.incarnation.to_be_bytes());
-        hasher.update(meta.wall_time_ms.to_be_bytes());
-        let change = hex::encode(&hasher.finalize()[..16]);
-        let entry = HistoryEntry {
-            change: change.clone(),
-            token_id: meta.token_id.clone(),
-            region: self.identity.region.clone(),
-            node: self.identity.node.clone(),
-            wall_time_ms: meta.wall_time_ms,
-            message: meta.message.clone(),
-            flag,
-            operation: operation.to_owned(),
+    }
+
+    /// Stores a persist request on a blocking thread; the result comes back to the loop.
+    fn persist(&mut self, request: PersistRequest) {
+        *self.in_flight.entry(request.flag_set.clone()).or_default() += 1;
+        self.spawn_persist(request, Duration::ZERO);
+    }
+
+    fn spawn_persist(&self, request: PersistRequest, delay: Duration) {
+        let store = self.store.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let req = request.clone();
+            let result = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+                let refs: Vec<&[u8]> = req.changes.iter().map(Vec::as_slice).collect();
+                let receipt = store
+                    .append_changes(&req.flag_set, &refs)
+                    .map_err(|e| e.to_string())?;
+                for (PeerId(peer), state) in &req.sync_states {
+                    store
+                        .put_sync_state(peer, &req.flag_set, state)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(receipt.last_seq)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("persist task failed: {e}")));
+            let _ = done.send(Persisted {
+                id: request.id,
+                flag_set: request.flag_set.clone(),
+                result,
+                request,
+            });
+        });
+    }
+
+    fn on_persisted(&mut self, done: Persisted) {
+        match done.result {
+            Ok(last_seq) => {
+                let n = done.request.changes.len() as u64;
+                let entry = self.stored.entry(done.flag_set.clone()).or_default();
+                entry.0 = entry.0.max(last_seq);
+                entry.1 += n;
+                if let Some(count) = self.in_flight.get_mut(&done.flag_set) {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        self.in_flight.remove(&done.flag_set);
+                    }
+                }
+                if let Err(e) = self.replica.persisted(done.id, Timestamp(now_ms())) {
+                    tracing::error!(error = %e, "replica refused a persist confirmation");
+                }
+                self.maybe_compact(&done.flag_set);
+                self.drain();
+            }
+            Err(error) => {
+                // The change is in the document already; keep trying rather than lose it. The
+                // write's client waits (and times out with an unknown outcome meanwhile).
+                tracing::error!(flag_set = %done.flag_set, %error, "storing a change failed; retrying");
+                self.spawn_persist(done.request, Duration::from_millis(500));
+            }
+        }
+    }
+
+    /// Compacts a flag set once enough changes piled up and every change it holds is stored.
+    fn maybe_compact(&mut self, flag_set: &str) {
+        if self.in_flight.contains_key(flag_set) {
+            return;
+        }
+        let Some(&(last_seq, since)) = self.stored.get(flag_set) else {
+            return;
         };
-        let bytes = serde_json::to_vec(&ChangeRecord {
-            document,
-            entry: entry.clone(),
-        })
-        .map_err(|e| Refused::Store(e.to_string()))?;
+        if since < COMPACT_AFTER_CHANGES {
+            return;
+        }
+        let Some(doc) = self.replica.flag_set(flag_set) else {
+            return;
+        };
+        let snapshot = doc.save();
+        self.stored.insert(flag_set.to_owned(), (last_seq, 0));
         let store = self.store.clone();
         let name = flag_set.to_owned();
-        tokio::task::spawn_blocking(move || store.append_changes(&name, &[bytes.as_slice()]))
-            .await
-            .map_err(|e| Refused::Store(format!("persist task failed: {e}")))?
-            .map_err(|e| Refused::Store(e.to_string()))?;
-        let heads = vec![change];
-        self.snapshots
-            .publish(flag_set, &set, heads.clone(), now_ms() / 1000);
-        let doc = self.docs.entry(flag_set.to_owned()).or_insert_with(|| Doc {
-            set: FlagSet::default(),
-            history: Vec::new(),
-            heads: Vec::new(),
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.compact(&name, &snapshot, last_seq) {
+                tracing::warn!(flag_set = %name, error = %e, "compaction failed; will retry later");
+            }
         });
-        doc.set = set;
-        doc.heads = heads.clone();
-        doc.history.push(entry);
-        Ok(heads)
     }
-}
-
-fn same_heads(a: &[String], b: &[String]) -> bool {
-    let mut a: Vec<&String> = a.iter().collect();
-    let mut b: Vec<&String> = b.iter().collect();
-    a.sort();
-    b.sort();
-    a == b
-}
-
-/// Problems for a value that is not the JSON object a flag must be.
-pub fn not_an_object(at: &str) -> Problems {
-    Problems(vec![Problem::new(at, "must be a JSON object")])
 }

@@ -117,7 +117,7 @@ pub async fn serve(
         .with_graceful_shutdown(async move {
             tokio::select! {
                 _ = shutdown => {}
-                _ = failed_rx => {}
+                Ok(()) = failed_rx => {}
             }
             tracing::info!("shutting down: finishing in-flight requests");
             let _ = stop_tx.send(true);
