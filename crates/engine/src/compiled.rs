@@ -1,6 +1,8 @@
 //! A flag set compiled for evaluation: immutable, shared between threads, cheap to query.
 
 use std::collections::HashMap;
+
+use foldhash::fast::FixedState;
 use std::sync::Arc;
 
 use bunting_model::{validate_flag, Flag, FlagSet, FlagState, Problem};
@@ -53,7 +55,7 @@ enum Body {
     Ready {
         variants: Vec<CompiledVariant>,
         /// Variant key → index, only for flags with many variants (a scan is faster for few).
-        index: Option<HashMap<Box<str>, usize>>,
+        index: Option<HashMap<Box<str>, usize, FixedState>>,
         /// Served without targeting, or when it returns null.
         when_static: Resolution,
         when_default: Resolution,
@@ -76,7 +78,9 @@ struct CompiledFlag {
 pub struct CompiledFlagSet {
     /// Sorted by key, so bulk evaluation answers in key order.
     flags: Vec<CompiledFlag>,
-    by_key: HashMap<Box<str>, usize>,
+    /// Key → index into `flags`; a fixed-seed fast hasher (keys come from admins, and the map is
+    /// rebuilt on every change, so flooding it gains an attacker nothing lasting).
+    by_key: HashMap<Box<str>, usize, FixedState>,
     broken: Vec<BrokenFlag>,
     /// Served with FLAG_NOT_FOUND.
     set_metadata: Arc<Map<String, Value>>,

@@ -559,9 +559,9 @@ impl<'a> Eval<'_, 'a> {
             Root::TargetingKey => match &ctx.targeting_key {
                 Some(k) if rest.is_empty() => Some(Val::Str(k)),
                 Some(_) => None,
-                None => lookup_json_path(ctx.attributes.get(&*first.key)?, rest),
+                None => lookup_json_path(attribute(ctx, &first.key)?, rest),
             },
-            Root::Attr => lookup_json_path(ctx.attributes.get(&*first.key)?, rest),
+            Root::Attr => lookup_json_path(attribute(ctx, &first.key)?, rest),
         }
     }
 
@@ -660,6 +660,11 @@ impl<'a> Eval<'_, 'a> {
                 match &hay {
                     Val::Str(s) if !s.is_empty() => Val::Bool(contains_str(s, &needle)),
                     Val::String(s) if !s.is_empty() => Val::Bool(contains_str(s, &needle)),
+                    // Searched in place: literal lists are the common haystack.
+                    Val::Json(Value::Array(items)) => {
+                        Val::Bool(items.iter().any(|i| Val::from_json(i).strict_eq(&needle)))
+                    }
+                    Val::Array(items) => Val::Bool(items.iter().any(|i| i.strict_eq(&needle))),
                     other => match other.array_items() {
                         Some(items) => Val::Bool(items.iter().any(|i| i.strict_eq(&needle))),
                         None => Val::Bool(false),
@@ -875,6 +880,19 @@ impl<'a> Eval<'_, 'a> {
             }
         };
         Val::Bool(result)
+    }
+}
+
+/// Contexts are small: below this many attributes a scan beats hashing the key.
+const SCAN_ATTRIBUTES: usize = 12;
+
+fn attribute<'c>(ctx: &'c EvaluationContext, key: &str) -> Option<&'c Value> {
+    if ctx.attributes.len() <= SCAN_ATTRIBUTES {
+        ctx.attributes
+            .iter()
+            .find_map(|(k, v)| (k.as_str() == key).then_some(v))
+    } else {
+        ctx.attributes.get(key)
     }
 }
 

@@ -1,0 +1,245 @@
+//! Evaluation benchmarks, with baselines measured in the same run:
+//! the same JsonLogic rules through datalogic-rs (with its flagd operators), and equivalent
+//! Unleash strategies (a constraint set, a gradual rollout) through unleash-yggdrasil.
+//!
+//! `cargo bench -p bunting-engine`
+
+// A benchmark: a broken fixture should stop it loudly.
+#![allow(clippy::unwrap_used)]
+
+use std::hint::black_box;
+
+use bunting_engine::{CompileOptions, CompiledFlagSet, EvaluationContext};
+use bunting_model::FlagSet;
+use criterion::{criterion_group, criterion_main, Criterion};
+use serde_json::{json, Value};
+
+const TARGETING: &str = r#"{"if": [{"and": [
+    {"==": [{"var": "plan"}, "enterprise"]},
+    {">=": [{"var": "seats"}, 100]},
+    {"in": [{"var": "country"}, ["NZ", "IE", "PT"]]}
+]}, "on", "off"]}"#;
+const FRACTIONAL: &str = r#"{"fractional": [["a", 50], ["b", 25], ["c", 25]]}"#;
+const SEMVER: &str =
+    r#"{"if": [{"sem_ver": [{"var": "appVersion"}, ">=", "4.2.0"]}, "on", "off"]}"#;
+
+fn rule(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+fn flag_set() -> CompiledFlagSet {
+    let bool_variants = json!({"on": true, "off": false});
+    let mut flags = serde_json::Map::new();
+    flags.insert(
+        "static".into(),
+        json!({"state": "ENABLED", "variants": bool_variants, "defaultVariant": "on"}),
+    );
+    flags.insert("targeting".into(), json!({"state": "ENABLED", "variants": bool_variants, "defaultVariant": "off", "targeting": rule(TARGETING)}));
+    flags.insert("fractional".into(), json!({"state": "ENABLED", "variants": {"a": "A", "b": "B", "c": "C"}, "defaultVariant": "a", "targeting": rule(FRACTIONAL)}));
+    flags.insert("semver".into(), json!({"state": "ENABLED", "variants": bool_variants, "defaultVariant": "off", "targeting": rule(SEMVER)}));
+    // 100 more for bulk evaluation: a quarter of each kind.
+    for i in 0..100 {
+        let (kind, flag) = match i % 4 {
+            0 => (
+                "static",
+                json!({"state": "ENABLED", "variants": bool_variants, "defaultVariant": "on"}),
+            ),
+            1 => (
+                "targeting",
+                json!({"state": "ENABLED", "variants": bool_variants, "defaultVariant": "off", "targeting": rule(TARGETING)}),
+            ),
+            2 => (
+                "fractional",
+                json!({"state": "ENABLED", "variants": {"a": "A", "b": "B", "c": "C"}, "defaultVariant": "a", "targeting": rule(FRACTIONAL)}),
+            ),
+            _ => (
+                "semver",
+                json!({"state": "ENABLED", "variants": bool_variants, "defaultVariant": "off", "targeting": rule(SEMVER)}),
+            ),
+        };
+        flags.insert(format!("bulk-{kind}-{i:03}"), flag);
+    }
+    let set = FlagSet::from_value(&json!({ "flags": flags })).unwrap_or_default();
+    let compiled = CompiledFlagSet::compile(&set, &CompileOptions::default());
+    assert!(compiled.broken_flags().is_empty());
+    compiled
+}
+
+fn context_json() -> Value {
+    json!({"targetingKey": "user-12345", "plan": "enterprise", "seats": 150, "country": "PT",
+           "appVersion": "4.10.2", "email": "ann@example.com"})
+}
+
+fn bunting(c: &mut Criterion) {
+    let set = flag_set();
+    let ctx = EvaluationContext::from_value(&context_json(), 1_700_000_000).unwrap_or_default();
+    // The benchmarks must measure real matches, not errors or defaults.
+    for (key, variant) in [("static", "on"), ("targeting", "on"), ("semver", "on")] {
+        assert_eq!(
+            set.evaluate(key, &ctx).variant.as_deref(),
+            Some(variant),
+            "{key}"
+        );
+    }
+    assert!(set.evaluate("fractional", &ctx).variant.is_some());
+    let mut g = c.benchmark_group("bunting");
+    g.bench_function("static", |b| {
+        b.iter(|| set.evaluate(black_box("static"), black_box(&ctx)))
+    });
+    g.bench_function("targeting_3_conditions", |b| {
+        b.iter(|| set.evaluate(black_box("targeting"), black_box(&ctx)))
+    });
+    g.bench_function("fractional", |b| {
+        b.iter(|| set.evaluate(black_box("fractional"), black_box(&ctx)))
+    });
+    g.bench_function("sem_ver", |b| {
+        b.iter(|| set.evaluate(black_box("semver"), black_box(&ctx)))
+    });
+    let bulk: Vec<String> = set
+        .keys()
+        .filter(|k| k.starts_with("bulk-"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(bulk.len(), 100);
+    g.bench_function("bulk_100_flags", |b| {
+        b.iter(|| {
+            bulk.iter()
+                .map(|k| set.evaluate(black_box(k), black_box(&ctx)))
+                .filter(|r| r.variant.is_some())
+                .count()
+        })
+    });
+    g.bench_function("evaluate_all_104_flags", |b| {
+        b.iter(|| set.evaluate_all(black_box(&ctx)))
+    });
+    g.finish();
+}
+
+fn datalogic(c: &mut Criterion) {
+    use datalogic_rs::{Engine, ParsedData};
+    let engine = Engine::new();
+    let mut data = context_json();
+    // flagd's enrichment, given to datalogic as data.
+    data["$flagd"] = json!({"flagKey": "fractional", "timestamp": 1_700_000_000});
+    let parsed = ParsedData::from_json(&data.to_string()).unwrap();
+    let compiled: Vec<_> = [TARGETING, FRACTIONAL, SEMVER]
+        .iter()
+        .map(|r| engine.compile(*r).unwrap())
+        .collect();
+    let mut session = engine.session();
+    for (rule, want) in compiled.iter().zip([Some("on"), None, Some("on")]) {
+        let out = session
+            .eval_borrowed(rule, &parsed)
+            .map(|v| v.as_str().map(str::to_owned));
+        let out = out.ok().flatten();
+        assert!(out.is_some(), "datalogic answered null");
+        if let Some(w) = want {
+            assert_eq!(out.as_deref(), Some(w));
+        }
+        session.reset();
+    }
+    let mut g = c.benchmark_group("datalogic");
+    for (name, rule) in ["targeting_3_conditions", "fractional", "sem_ver"]
+        .iter()
+        .zip(&compiled)
+    {
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                let r = session
+                    .eval_borrowed(black_box(rule), black_box(&parsed))
+                    .is_ok();
+                session.reset();
+                r
+            })
+        });
+    }
+    // The same 100-rule mix as Bunting's bulk benchmark (static flags cost datalogic nothing).
+    let bulk: Vec<_> = (0..100)
+        .filter(|i| i % 4 != 0)
+        .map(|i| &compiled[(i % 4) - 1])
+        .collect();
+    g.bench_function("bulk_100_flags", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            for rule in &bulk {
+                n += usize::from(
+                    session
+                        .eval_borrowed(black_box(rule), black_box(&parsed))
+                        .is_ok(),
+                );
+                session.reset();
+            }
+            n
+        })
+    });
+    g.finish();
+}
+
+fn yggdrasil(c: &mut Criterion) {
+    use unleash_yggdrasil::{ClientFeatures, Context, EngineState, UpdateMessage};
+    let constraint = json!({"name": "default", "parameters": {}, "constraints": [
+        {"contextName": "plan", "operator": "IN", "values": ["enterprise"]},
+        {"contextName": "seats", "operator": "NUM_GTE", "value": "100"},
+        {"contextName": "country", "operator": "IN", "values": ["NZ", "IE", "PT"]}
+    ]});
+    let rollout = json!({"name": "flexibleRollout",
+        "parameters": {"rollout": "50", "stickiness": "userId", "groupId": "rollout"}, "constraints": []});
+    let semver = json!({"name": "default", "parameters": {}, "constraints": [
+        {"contextName": "appVersion", "operator": "SEMVER_GT", "value": "4.1.999"}
+    ]});
+    let mut features = vec![
+        json!({"name": "constraints", "enabled": true, "strategies": [constraint]}),
+        json!({"name": "rollout", "enabled": true, "strategies": [rollout]}),
+        json!({"name": "semver", "enabled": true, "strategies": [semver]}),
+    ];
+    let mut bulk_names = Vec::new();
+    for i in 0..100 {
+        let name = format!("bulk-{i:03}");
+        let strategies = match i % 4 {
+            0 => json!([{"name": "default", "parameters": {}}]),
+            1 => json!([constraint]),
+            2 => json!([rollout]),
+            _ => json!([semver]),
+        };
+        features.push(json!({"name": name, "enabled": true, "strategies": strategies}));
+        bulk_names.push(name);
+    }
+    let client_features: ClientFeatures =
+        serde_json::from_value(json!({"version": 2, "features": features})).unwrap();
+    let engine = EngineState::default();
+    let warnings = engine.take_state(UpdateMessage::FullResponse(client_features));
+    assert!(warnings.unwrap_or_default().is_empty());
+    let ctx: Context = serde_json::from_value(json!({"userId": "user-12345",
+        "properties": {"plan": "enterprise", "seats": "150", "country": "PT", "appVersion": "4.10.2"}}))
+    .unwrap();
+    assert!(engine.is_enabled("constraints", &ctx, &None));
+    assert!(engine.is_enabled("semver", &ctx, &None));
+    let mut g = c.benchmark_group("yggdrasil");
+    g.bench_function("constraint_set_3", |b| {
+        b.iter(|| engine.is_enabled(black_box("constraints"), black_box(&ctx), &None))
+    });
+    g.bench_function("gradual_rollout", |b| {
+        b.iter(|| engine.is_enabled(black_box("rollout"), black_box(&ctx), &None))
+    });
+    g.bench_function("semver_constraint", |b| {
+        b.iter(|| engine.is_enabled(black_box("semver"), black_box(&ctx), &None))
+    });
+    g.bench_function("bulk_100_flags", |b| {
+        b.iter(|| {
+            bulk_names
+                .iter()
+                .filter(|n| engine.is_enabled(black_box(n), black_box(&ctx), &None))
+                .count()
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(std::time::Duration::from_secs(1))
+        .measurement_time(std::time::Duration::from_secs(3));
+    targets = bunting, datalogic, yggdrasil
+}
+criterion_main!(benches);
