@@ -121,6 +121,10 @@ pub struct StoredFlagSet {
 }
 
 /// Something for the driver to store durably, then confirm with [`Replica::persisted`].
+///
+/// Requests must become durable in the order they are emitted (append them to one log): a later
+/// request's changes may depend on an earlier one's, and a node whose stored changes miss a
+/// dependency refuses to load rather than silently hide the changes after the gap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PersistRequest {
     pub id: PersistId,

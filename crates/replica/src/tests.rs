@@ -7,6 +7,8 @@ use bunting_model::{DefaultVariant, Flag, FlagState};
 use proptest::prelude::*;
 use serde_json::json;
 
+use automerge::ReadDoc;
+
 use crate::*;
 
 const SET: &str = "production";
@@ -21,6 +23,8 @@ struct Node {
     /// Persist requests not yet stored (a crash loses them).
     unstored: Vec<PersistRequest>,
     acked: Vec<WriteId>,
+    /// Changes of acknowledged writes: they must survive anything.
+    acked_changes: Vec<ChangeHash>,
     protocol_errors: Vec<Error>,
     /// Whether the driver stores persist requests as soon as they appear.
     auto_persist: bool,
@@ -38,6 +42,7 @@ impl Node {
             sync_disk: BTreeMap::new(),
             unstored: Vec::new(),
             acked: Vec::new(),
+            acked_changes: Vec::new(),
             protocol_errors: Vec::new(),
             auto_persist: true,
         }
@@ -45,15 +50,25 @@ impl Node {
 
     /// Handles events; stores persist requests when `auto_persist`.
     fn drain_events(&mut self, now: Timestamp) {
+        loop {
+            self.drain_once();
+            if !self.auto_persist || self.unstored.is_empty() {
+                return;
+            }
+            self.store_all(now);
+        }
+    }
+
+    fn drain_once(&mut self) {
         while let Some(event) = self.replica.poll_event() {
             match event {
                 Event::PersistRequest(p) => self.unstored.push(p),
-                Event::WriteAcknowledged { id, .. } => self.acked.push(id),
+                Event::WriteAcknowledged { id, changes, .. } => {
+                    self.acked.push(id);
+                    self.acked_changes.extend(changes);
+                }
                 Event::ProtocolError { error, .. } => self.protocol_errors.push(error),
                 Event::FlagSetChanged { .. } | Event::PeerSynced { .. } => {}
-            }
-            if self.auto_persist {
-                self.store_all(now);
             }
         }
     }
@@ -164,6 +179,21 @@ impl Cluster {
                 self.in_flight.push((i, j, frame));
             }
         }
+    }
+
+    /// Node `i` crashes (losing what it had not stored) and comes back; its connections reopen.
+    fn crash(&mut self, i: usize) {
+        let now = self.now;
+        self.in_flight.retain(|(from, to, _)| *from != i && *to != i);
+        self.nodes[i].restart(now);
+        for j in 0..self.nodes.len() {
+            if j != i {
+                self.nodes[j].replica.remove_peer(&PeerId(name(i)));
+                self.nodes[j].replica.add_peer(PeerId(name(i)), now);
+                self.nodes[i].replica.add_peer(PeerId(name(j)), now);
+            }
+        }
+        self.collect();
     }
 
     fn deliver(&mut self, k: usize) {
@@ -550,6 +580,8 @@ enum Step {
     Drop(usize),
     Duplicate(usize),
     Tick,
+    Persist(usize),
+    Crash(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -559,6 +591,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(Step::Drop),
         1 => any::<usize>().prop_map(Step::Duplicate),
         1 => Just(Step::Tick),
+        2 => (0..5usize).prop_map(Step::Persist),
+        1 => (0..5usize).prop_map(Step::Crash),
     ]
 }
 
@@ -596,6 +630,9 @@ proptest! {
         steps in proptest::collection::vec(step(), 1..60),
     ) {
         let mut c = Cluster::new(n);
+        for node in &mut c.nodes {
+            node.auto_persist = false;
+        }
         for s in steps {
             match s {
                 Step::Write { node, flag, op } => {
@@ -617,9 +654,31 @@ proptest! {
                     }
                 }
                 Step::Tick => c.tick(1_000),
+                Step::Persist(i) => {
+                    let now = c.now;
+                    c.nodes[i % n].store_all(now);
+                    c.collect();
+                }
+                Step::Crash(i) => c.crash(i % n),
             }
         }
+        for node in &mut c.nodes {
+            node.auto_persist = true;
+        }
+        c.collect();
         c.settle();
+        // No acknowledged write is lost, on any node.
+        for node in &c.nodes {
+            for hash in &node.acked_changes {
+                for other in &c.nodes {
+                    let doc = other.replica.flag_set(SET);
+                    prop_assert!(
+                        doc.is_some_and(|d| d.automerge().get_change_by_hash(hash).is_some()),
+                        "acknowledged change {} missing", hash
+                    );
+                }
+            }
+        }
         prop_assert!(c.converged(), "heads differ after a full exchange");
         let first = c.nodes[0].replica.flag_set(SET).map(|d| (d.to_flagd(), d.conflicts(), d.broken_flags(), probe(d)));
         for node in &c.nodes {
