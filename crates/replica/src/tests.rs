@@ -184,7 +184,8 @@ impl Cluster {
     /// Node `i` crashes (losing what it had not stored) and comes back; its connections reopen.
     fn crash(&mut self, i: usize) {
         let now = self.now;
-        self.in_flight.retain(|(from, to, _)| *from != i && *to != i);
+        self.in_flight
+            .retain(|(from, to, _)| *from != i && *to != i);
         self.nodes[i].restart(now);
         for j in 0..self.nodes.len() {
             if j != i {
