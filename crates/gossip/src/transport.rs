@@ -104,6 +104,10 @@ pub struct PeerStats {
     pub addr: Option<SocketAddr>,
     /// Whether a connection is up now.
     pub connected: bool,
+    /// Whether this node dialed the current connection (both ends agree on which one they keep).
+    pub outgoing: Option<bool>,
+    /// Whether a dial to this peer is under way.
+    pub dialing: bool,
     /// When the current connection came up (Unix milliseconds).
     pub connected_since_unix_ms: Option<u64>,
     /// When the last frame arrived from this peer (Unix milliseconds); the node's staleness check.
@@ -174,6 +178,7 @@ struct Live {
     id: u64,
     instance: u64,
     dialed_by_lower: bool,
+    dialed_by_me: bool,
     connection: Connection,
     outbox: mpsc::UnboundedSender<Vec<u8>>,
     queued: Arc<AtomicUsize>,
@@ -327,6 +332,7 @@ impl Gossip {
             .map(|(id, slot)| {
                 let mut stats = slot.stats.clone();
                 if let Some(live) = &slot.live {
+                    stats.outgoing = Some(live.dialed_by_me);
                     let quic = live.connection.stats();
                     stats.rtt_ms =
                         Some(u64::try_from(quic.path.rtt.as_millis()).unwrap_or(u64::MAX));
@@ -367,6 +373,12 @@ impl Shared {
         self.lock_peers()
             .get(peer)
             .is_some_and(|slot| slot.live.is_some())
+    }
+
+    fn set_dialing(&self, peer: &PeerId, dialing: bool) {
+        if let Some(slot) = self.lock_peers().get_mut(peer) {
+            slot.stats.dialing = dialing;
+        }
     }
 
     fn is_shut_down(&self) -> bool {
@@ -502,7 +514,10 @@ async fn dial_loop(shared: Arc<Shared>, peer: PeerId, addr: SocketAddr) {
         if shared.is_connected(&peer) {
             continue; // the peer dialed us meanwhile
         }
-        match dial(&shared, &peer, addr).await {
+        shared.set_dialing(&peer, true);
+        let dialed = dial(&shared, &peer, addr).await;
+        shared.set_dialing(&peer, false);
+        match dialed {
             Ok((connection, send, recv, instance)) => {
                 backoff = initial;
                 run_connection(
@@ -677,6 +692,7 @@ async fn install(
         id,
         instance,
         dialed_by_lower,
+        dialed_by_me,
         connection: connection.clone(),
         outbox,
         queued: queued.clone(),
