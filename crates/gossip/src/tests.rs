@@ -546,16 +546,7 @@ async fn a_restarted_peer_reconnects_and_catches_up() {
     a.write(disable("before")).await;
 
     // Same address: the socket is free once the old endpoint has shut down.
-    let deadline = Instant::now() + PATIENCE;
-    let socket = loop {
-        match UdpSocket::bind(ab) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("cannot rebind {ab}: {e}"),
-        }
-    };
+    let socket = rebind(ab).await;
     let b = TestNode::start(
         "b",
         &pki.node("b"),
@@ -764,4 +755,161 @@ async fn send_to_an_unknown_or_disconnected_peer_is_an_error_not_a_panic() {
     ));
     assert_eq!(g.stats().peers[&PeerId("b".into())].frames_dropped, 1);
     g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_through_relays_keeps_both_sides_writable_and_heals() {
+    use crate::relay::Relay;
+    let pki = Pki::new();
+    let (sa, sb) = (bind(), bind());
+    let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    // Each node reaches the other only through a relay, so pausing both cuts the link.
+    let to_b = Relay::start(any, ab).await.unwrap();
+    let to_a = Relay::start(any, aa).await.unwrap();
+    let config = |me: &str, peer: &str, via: SocketAddr| {
+        let mut c = quick(GossipConfig::new(PeerId(me.into()), peers(&[(peer, via)])));
+        c.keep_alive = Duration::from_millis(100);
+        c.idle_timeout = Duration::from_millis(600);
+        c
+    };
+    let a = TestNode::start_with(
+        config("a", "b", to_b.local_addr()),
+        &pki.node("a"),
+        sa,
+        Disk::default(),
+        200,
+    );
+    let b = TestNode::start_with(
+        config("b", "a", to_a.local_addr()),
+        &pki.node("b"),
+        sb,
+        Disk::default(),
+        200,
+    );
+    a.write(put("banner")).await;
+    converge(&[&a, &b]).await;
+
+    to_b.pause();
+    to_a.pause();
+    until("the link drops", || {
+        !a.peer_stats("b").connected && !b.peer_stats("a").connected
+    })
+    .await;
+    // Both sides keep accepting writes, including to the same flag.
+    a.write(disable("banner")).await;
+    b.write(put("checkout")).await;
+    b.write(WriteCommand::SetDefaultVariant {
+        key: "banner".into(),
+        default_variant: bunting_model::DefaultVariant::Key("off".into()),
+    })
+    .await;
+    assert!(
+        a.flag("checkout").await.is_none(),
+        "a write crossed the partition"
+    );
+    assert_ne!(a.heads().await, b.heads().await);
+
+    // Heal, with 20 ms of added delay each way.
+    to_b.set_delay(Duration::from_millis(20));
+    to_a.set_delay(Duration::from_millis(20));
+    to_b.resume();
+    to_a.resume();
+    converge(&[&a, &b]).await;
+    let banner = a.flag("banner").await.unwrap();
+    assert_eq!(b.flag("banner").await.unwrap(), banner);
+    assert_eq!(banner.state, FlagState::Disabled);
+    assert!(a.flag("checkout").await.is_some());
+    assert!(
+        to_b.counts().1 + to_a.counts().1 > 0,
+        "the relays dropped nothing"
+    );
+}
+
+/// Bytes `a` exchanged with `b` (both directions).
+fn link_bytes(a: &TestNode, b: &str) -> u64 {
+    let stats = a.peer_stats(b);
+    stats.bytes_sent + stats.bytes_received
+}
+
+/// Waits until `a`'s link to `b` has moved no frame for a while.
+async fn link_quiet(a: &TestNode, b: &str) {
+    let mut last = link_bytes(a, b);
+    let mut still = 0;
+    while still < 20 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let now = link_bytes(a, b);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+}
+
+async fn rebind(addr: SocketAddr) -> UdpSocket {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match UdpSocket::bind(addr) {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("cannot rebind {addr}: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_with_stored_sync_state_costs_no_more_than_one_without() {
+    let pki = Pki::new();
+    let (sa, sb) = (bind(), bind());
+    let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
+    let a = TestNode::start(
+        "a",
+        &pki.node("a"),
+        sa,
+        peers(&[("b", ab)]),
+        Disk::default(),
+        3_600_000,
+    );
+    let b = TestNode::start(
+        "b",
+        &pki.node("b"),
+        sb,
+        peers(&[("a", aa)]),
+        Disk::default(),
+        3_600_000,
+    );
+    for i in 0..200 {
+        a.write(put(&format!("flag-{i}"))).await;
+    }
+    converge(&[&a, &b]).await;
+    link_quiet(&a, "b").await;
+
+    let mut costs = Vec::new();
+    let mut disk = b.stop().await;
+    assert!(!disk.sync.is_empty(), "no sync state was stored");
+    for keep_sync_state in [true, false] {
+        until("a notices b is gone", || !a.peer_stats("b").connected).await;
+        if !keep_sync_state {
+            disk.sync.clear();
+        }
+        let before = link_bytes(&a, "b");
+        let b = TestNode::start(
+            "b",
+            &pki.node("b"),
+            rebind(ab).await,
+            peers(&[("a", aa)]),
+            disk,
+            3_600_000,
+        );
+        converge(&[&a, &b]).await;
+        link_quiet(&a, "b").await;
+        costs.push(link_bytes(&a, "b") - before);
+        disk = b.stop().await;
+    }
+    eprintln!(
+        "reconnect of in-sync peers (200 changes): {} bytes with the stored sync state, \
+         {} bytes without",
+        costs[0], costs[1]
+    );
+    assert!(costs[0] <= costs[1], "{costs:?}");
 }
