@@ -620,6 +620,11 @@ async fn run_connection(
         end = write_loop(&shared, &peer, send, outbox, queued) => end,
         e = connection.closed() => End::Lost(e.to_string()),
     };
+    // Closed by this node (a rejection, a replacement, a slow peer): that reason is already noted.
+    let closed_here = matches!(
+        connection.close_reason(),
+        Some(quinn::ConnectionError::LocallyClosed)
+    );
     match &end {
         End::Malformed(why) => {
             warn!(peer = %peer.0, %why, "closing the connection: malformed frame");
@@ -639,7 +644,8 @@ async fn run_connection(
                 slot.stats.frames_rejected += 1;
                 slot.stats.last_error = Some(why);
             }
-            End::Lost(why) => slot.stats.last_error = Some(why),
+            End::Lost(why) if !closed_here => slot.stats.last_error = Some(why),
+            End::Lost(_) => {}
             End::Superseded | End::EventsClosed => {}
         }
         if slot.live.as_ref().is_some_and(|live| live.id == id) {
