@@ -83,17 +83,30 @@ fn bunting(c: &mut Criterion) {
     }
     assert!(set.evaluate("fractional", &ctx).variant.is_some());
     let mut g = c.benchmark_group("bunting");
+    // evaluate_ref is the serving path: the resolution is borrowed from the compiled set.
     g.bench_function("static", |b| {
-        b.iter(|| set.evaluate(black_box("static"), black_box(&ctx)))
+        b.iter(|| {
+            set.evaluate_ref(black_box("static"), black_box(&ctx))
+                .reason
+        })
     });
     g.bench_function("targeting_3_conditions", |b| {
-        b.iter(|| set.evaluate(black_box("targeting"), black_box(&ctx)))
+        b.iter(|| {
+            set.evaluate_ref(black_box("targeting"), black_box(&ctx))
+                .reason
+        })
     });
     g.bench_function("fractional", |b| {
-        b.iter(|| set.evaluate(black_box("fractional"), black_box(&ctx)))
+        b.iter(|| {
+            set.evaluate_ref(black_box("fractional"), black_box(&ctx))
+                .reason
+        })
     });
     g.bench_function("sem_ver", |b| {
-        b.iter(|| set.evaluate(black_box("semver"), black_box(&ctx)))
+        b.iter(|| {
+            set.evaluate_ref(black_box("semver"), black_box(&ctx))
+                .reason
+        })
     });
     let bulk: Vec<String> = set
         .keys()
@@ -104,12 +117,25 @@ fn bunting(c: &mut Criterion) {
     g.bench_function("bulk_100_flags", |b| {
         b.iter(|| {
             bulk.iter()
-                .map(|k| set.evaluate(black_box(k), black_box(&ctx)))
-                .filter(|r| r.variant.is_some())
+                .filter(|k| {
+                    set.evaluate_ref(black_box(k), black_box(&ctx))
+                        .variant
+                        .is_some()
+                })
                 .count()
         })
     });
-    g.bench_function("evaluate_all_104_flags", |b| {
+    g.bench_function("evaluate_all_ref_104_flags", |b| {
+        b.iter(|| set.evaluate_all_ref(black_box(&ctx)).len())
+    });
+    // The owned API: the same plus three reference-count increments and decrements.
+    g.bench_function("static_owned", |b| {
+        b.iter(|| set.evaluate(black_box("static"), black_box(&ctx)))
+    });
+    g.bench_function("targeting_3_conditions_owned", |b| {
+        b.iter(|| set.evaluate(black_box("targeting"), black_box(&ctx)))
+    });
+    g.bench_function("evaluate_all_104_flags_owned", |b| {
         b.iter(|| set.evaluate_all(black_box(&ctx)))
     });
     g.finish();

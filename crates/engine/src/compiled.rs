@@ -1,5 +1,6 @@
 //! A flag set compiled for evaluation: immutable, shared between threads, cheap to query.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use foldhash::fast::FixedState;
@@ -180,19 +181,35 @@ impl CompiledFlagSet {
 
     /// Evaluates one flag.
     pub fn evaluate(&self, flag_key: &str, ctx: &EvaluationContext) -> Resolution {
+        self.evaluate_ref(flag_key, ctx).into_owned()
+    }
+
+    /// Evaluates one flag, borrowing the resolution from the compiled set when it was prepared
+    /// at compile time (every success, disabled and invalid flag): the hot path of a server,
+    /// which serialises the resolution and drops it, touches no reference count.
+    pub fn evaluate_ref(&self, flag_key: &str, ctx: &EvaluationContext) -> Cow<'_, Resolution> {
         match self.by_key.get(flag_key) {
             Some(&i) => self.flags[i].evaluate(ctx),
-            None => Resolution::error(
+            None => Cow::Owned(Resolution::error(
                 ErrorCode::FlagNotFound,
                 format!("flag {flag_key:?} is not in this flag set"),
                 self.set_metadata.clone(),
-            ),
+            )),
         }
     }
 
     /// Evaluates every flag, in key order (OFREP bulk evaluation). Disabled and broken flags are
     /// included, with reason DISABLED and ERROR.
     pub fn evaluate_all(&self, ctx: &EvaluationContext) -> Vec<(&str, Resolution)> {
+        self.flags
+            .iter()
+            .map(|f| (&*f.key, f.evaluate(ctx).into_owned()))
+            .collect()
+    }
+
+    /// [`CompiledFlagSet::evaluate_all`] with borrowed resolutions, as
+    /// [`CompiledFlagSet::evaluate_ref`].
+    pub fn evaluate_all_ref(&self, ctx: &EvaluationContext) -> Vec<(&str, Cow<'_, Resolution>)> {
         self.flags
             .iter()
             .map(|f| (&*f.key, f.evaluate(ctx)))
@@ -257,9 +274,9 @@ impl CompiledFlagSet {
 }
 
 impl CompiledFlag {
-    fn evaluate(&self, ctx: &EvaluationContext) -> Resolution {
+    fn evaluate(&self, ctx: &EvaluationContext) -> Cow<'_, Resolution> {
         let (variants, index, when_static, when_default, targeting) = match &self.body {
-            Body::Fixed(r) => return r.clone(),
+            Body::Fixed(r) => return Cow::Borrowed(r),
             Body::Ready {
                 variants,
                 index,
@@ -270,19 +287,19 @@ impl CompiledFlag {
             } => (variants, index, when_static, when_default, targeting),
         };
         let Some(rule) = targeting else {
-            return when_static.clone();
+            return Cow::Borrowed(when_static);
         };
         let env = Env::new(&self.key, ctx);
         let result = rule.evaluate(&env);
         let found = |name: &str| -> Option<&CompiledVariant> {
             match index {
                 Some(ix) => ix.get(name).map(|&i| &variants[i]),
-                None => variants.iter().find(|v| &*v.key == name),
+                None => variants.iter().find(|v| crate::val::str_eq(&v.key, name)),
             }
         };
         let name_buf;
         let name: &str = match &result {
-            Val::Null => return when_default.clone(),
+            Val::Null => return Cow::Borrowed(when_default),
             Val::Str(s) => s,
             Val::String(s) => s,
             Val::Bool(true) => "true",
@@ -293,15 +310,15 @@ impl CompiledFlag {
             }
         };
         match found(name) {
-            Some(v) => v.matched.clone(),
-            None => Resolution::error(
+            Some(v) => Cow::Borrowed(&v.matched),
+            None => Cow::Owned(Resolution::error(
                 ErrorCode::General,
                 format!(
                     "targeting of flag {:?} returned {name:?}, which is not one of its variants",
                     &*self.key
                 ),
                 self.metadata.clone(),
-            ),
+            )),
         }
     }
 }

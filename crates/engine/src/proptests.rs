@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 use crate::compiled::{CompileOptions, FractionalBucketing};
 use crate::context::EvaluationContext;
 use crate::rule::{Env, Rule};
-use crate::semver::{SemverOp, Version};
+use crate::semver::{version_text, SemverOp, Version};
 use crate::val::{number_value, Val};
 use crate::CompiledFlagSet;
 
@@ -279,10 +279,12 @@ fn reference(rule: &Value, data: &Value, root: &Value) -> Value {
                     if args.len() != 3 {
                         return Value::Null;
                     }
+                    let (a, t) = (v(&args[0]), v(&args[2]));
+                    let (a, t) = (version_text(&a), version_text(&t));
                     let parsed = (
-                        Version::from_val(&v(&args[0])),
+                        a.as_deref().and_then(Version::normalize_and_parse),
                         args[1].as_str().and_then(SemverOp::parse),
-                        Version::from_val(&v(&args[2])),
+                        t.as_deref().and_then(Version::normalize_and_parse),
                     );
                     match parsed {
                         (Some(a), Some(o), Some(t)) => b(o.apply(&a, &t)),

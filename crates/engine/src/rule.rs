@@ -15,9 +15,9 @@ use serde_json::Value;
 use crate::compiled::{CompileOptions, FractionalBucketing};
 use crate::context::{flagd_properties, EvaluationContext};
 use crate::fractional::{self, Distribution};
-use crate::semver::{SemverOp, Version};
+use crate::semver::{version_text, SemverOp, Version};
 pub(crate) use crate::val::Val;
-use crate::val::{canonical_index, lookup_json};
+use crate::val::{canonical_index, lookup_json, str_eq};
 
 /// What one evaluation sees: the flag being evaluated and the caller's context.
 pub(crate) struct Env<'a> {
@@ -122,10 +122,53 @@ enum Node {
     And(Vec<Node>),
     Or(Vec<Node>),
     Op(Op, Vec<Node>),
+    /// A comparison of a `var` with a literal, the commonest condition: no argument list to walk.
+    CmpVarLit(Box<CmpVarLit>),
+    /// `in` with a literal list of strings: a set lookup instead of a walk over JSON.
+    InStrings(Box<Node>, Box<StringSet>),
     Iter(Iter, Box<[Node; 2]>),
     Reduce(Box<[Node; 3]>, bool),
     Fractional(Box<FractionalNode>),
     SemVer(Box<SemVerNode>),
+}
+
+#[derive(Debug)]
+struct CmpVarLit {
+    op: Op,
+    path: Path,
+    lit: Value,
+    /// Whether the `var` is the left operand.
+    var_first: bool,
+}
+
+/// The strings of a literal `in` list; hashed when there are many.
+#[derive(Debug)]
+enum StringSet {
+    Few(Vec<Box<str>>),
+    Many(std::collections::HashSet<Box<str>, foldhash::fast::FixedState>),
+}
+
+impl StringSet {
+    const SCAN_LIMIT: usize = 8;
+
+    fn new(items: &[Value]) -> Option<StringSet> {
+        let strings: Vec<Box<str>> = items
+            .iter()
+            .map(|v| v.as_str().map(Box::from))
+            .collect::<Option<_>>()?;
+        Some(if strings.len() <= Self::SCAN_LIMIT {
+            StringSet::Few(strings)
+        } else {
+            StringSet::Many(strings.into_iter().collect())
+        })
+    }
+
+    fn contains(&self, s: &str) -> bool {
+        match self {
+            StringSet::Few(v) => v.iter().any(|x| str_eq(x, s)),
+            StringSet::Many(set) => set.contains(s),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -146,8 +189,9 @@ struct ConstantFractional {
 #[derive(Debug)]
 struct SemVerNode {
     args: Vec<Node>,
-    /// Pre-parsed when the operator and target version are literals: `None` inside when invalid.
-    constant: Option<Option<(SemverOp, Version)>>,
+    /// Checked when the operator and target version are literals (the target's validated text is
+    /// kept and re-read, which allocates nothing): `None` inside when invalid.
+    constant: Option<Option<(SemverOp, Box<str>)>>,
 }
 
 impl Rule {
@@ -259,16 +303,16 @@ impl Compiler<'_> {
             "if" | "?:" => Ok(Node::If(args)),
             "and" => Ok(Node::And(args)),
             "or" => Ok(Node::Or(args)),
-            "==" => simple(Op::Eq, args),
-            "===" => simple(Op::StrictEq, args),
-            "!=" => simple(Op::Ne, args),
-            "!==" => simple(Op::StrictNe, args),
+            "==" => Ok(compile_compare(Op::Eq, args)),
+            "===" => Ok(compile_compare(Op::StrictEq, args)),
+            "!=" => Ok(compile_compare(Op::Ne, args)),
+            "!==" => Ok(compile_compare(Op::StrictNe, args)),
             "!" => simple(Op::Not, args),
             "!!" => simple(Op::NotNot, args),
-            "<" => simple(Op::Lt, args),
-            "<=" => simple(Op::Le, args),
-            ">" => simple(Op::Gt, args),
-            ">=" => simple(Op::Ge, args),
+            "<" => Ok(compile_compare(Op::Lt, args)),
+            "<=" => Ok(compile_compare(Op::Le, args)),
+            ">" => Ok(compile_compare(Op::Gt, args)),
+            ">=" => Ok(compile_compare(Op::Ge, args)),
             "+" => simple(Op::Add, args),
             "-" => simple(Op::Sub, args),
             "*" => simple(Op::Mul, args),
@@ -276,7 +320,7 @@ impl Compiler<'_> {
             "%" => simple(Op::Mod, args),
             "min" => simple(Op::Min, args),
             "max" => simple(Op::Max, args),
-            "in" => simple(Op::In, args),
+            "in" => Ok(compile_in(args)),
             "cat" => simple(Op::Cat, args),
             "substr" => simple(Op::Substr, args),
             "merge" => simple(Op::Merge, args),
@@ -312,9 +356,11 @@ impl Compiler<'_> {
             "sem_ver" => {
                 let constant = match (args.len(), args.get(1), args.get(2)) {
                     (3, Some(Node::Lit(op)), Some(Node::Lit(target))) => Some(
-                        op.as_str()
-                            .and_then(SemverOp::parse)
-                            .zip(Version::from_val(&Val::from_json(target))),
+                        op.as_str().and_then(SemverOp::parse).zip(
+                            version_text(&Val::from_json(target))
+                                .filter(|t| Version::normalize_and_parse(t).is_some())
+                                .map(|t| Box::from(&*t)),
+                        ),
                     ),
                     _ => None,
                 };
@@ -323,6 +369,49 @@ impl Compiler<'_> {
             other => Err(format!("unknown operator {other:?}")),
         }
     }
+}
+
+/// A comparison; `var` against a scalar literal gets its own node.
+fn compile_compare(op: Op, args: Vec<Node>) -> Node {
+    let scalar = |n: &Node| matches!(n, Node::Lit(v) if !v.is_array() && !v.is_object());
+    let plain_var = |n: &Node| matches!(n, Node::Var { default: None, .. });
+    if args.len() == 2 {
+        let var_first = plain_var(&args[0]) && scalar(&args[1]);
+        if var_first || (scalar(&args[0]) && plain_var(&args[1])) {
+            let mut it = args.into_iter();
+            let (a, b) = (it.next(), it.next());
+            let (var, lit) = if var_first { (a, b) } else { (b, a) };
+            return match (var, lit) {
+                (Some(Node::Var { path, .. }), Some(Node::Lit(lit))) => {
+                    Node::CmpVarLit(Box::new(CmpVarLit {
+                        op,
+                        path,
+                        lit,
+                        var_first,
+                    }))
+                }
+                // Not reached (the shapes were checked above); kept total without a panic.
+                (var, lit) => {
+                    let (a, b) = if var_first { (var, lit) } else { (lit, var) };
+                    Node::Op(op, a.into_iter().chain(b).collect())
+                }
+            };
+        }
+    }
+    Node::Op(op, args)
+}
+
+/// `in`; a literal list of strings becomes a set.
+fn compile_in(mut args: Vec<Node>) -> Node {
+    if args.len() == 2 {
+        if let Node::Lit(Value::Array(items)) = &args[1] {
+            if let Some(set) = StringSet::new(items) {
+                let needle = args.swap_remove(0);
+                return Node::InStrings(Box::new(needle), Box::new(set));
+            }
+        }
+    }
+    Node::Op(Op::In, args)
 }
 
 fn compile_var(args: Vec<Node>) -> Node {
@@ -425,7 +514,7 @@ impl<'a> Eval<'_, 'a> {
     fn eval(&self, node: &'a Node, scope: Scope<'_, 'a>) -> Val<'a> {
         match node {
             Node::Lit(v) => Val::from_json(v),
-            Node::Array(items) => Val::Array(items.iter().map(|i| self.eval(i, scope)).collect()),
+            Node::Array(items) => self.array(items, scope),
             Node::Var { path, default } => match self.lookup(path, scope) {
                 Some(v) => v,
                 None => match default {
@@ -433,21 +522,11 @@ impl<'a> Eval<'_, 'a> {
                     None => Val::Null,
                 },
             },
-            Node::VarDyn(args) => {
-                let vals: Vec<Val<'a>> = args.iter().map(|a| self.eval(a, scope)).collect();
-                let text = match vals.first() {
-                    None | Some(Val::Null) => String::new(),
-                    Some(v) => v.to_js_string(),
-                };
-                match self.lookup(&split_path(&text), scope) {
-                    Some(v) => v,
-                    None => vals.into_iter().nth(1).unwrap_or(Val::Null),
-                }
-            }
+            Node::VarDyn(args) => self.var_dyn(args, scope),
             Node::If(args) => {
                 let mut i = 0;
                 while i + 1 < args.len() {
-                    if self.eval(&args[i], scope).truthy() {
+                    if self.truthy(&args[i], scope) {
                         return self.eval(&args[i + 1], scope);
                     }
                     i += 2;
@@ -478,33 +557,215 @@ impl<'a> Eval<'_, 'a> {
                 last
             }
             Node::Op(op, args) => self.op(*op, args, scope),
+            Node::CmpVarLit(c) => Val::Bool(self.cmp_var_lit(c, scope)),
+            Node::InStrings(needle, set) => Val::Bool(self.in_strings(needle, set, scope)),
             Node::Iter(kind, parts) => self.iter(*kind, &parts[0], &parts[1], scope),
-            Node::Reduce(parts, has_initial) => {
-                let initial = if *has_initial {
-                    self.eval(&parts[2], scope)
-                } else {
-                    Val::Null
-                };
-                let data = self.eval(&parts[0], scope);
-                let Some(items) = data.array_items() else {
-                    return initial;
-                };
-                let mut acc = initial;
-                for item in &items {
-                    let next = self.eval(
-                        &parts[1],
-                        Scope::Reduce {
-                            current: item,
-                            accumulator: &acc,
-                        },
-                    );
-                    acc = next;
-                }
-                acc
-            }
+            Node::Reduce(parts, has_initial) => self.reduce(parts, *has_initial, scope),
             Node::Fractional(f) => self.fractional(f, scope),
             Node::SemVer(s) => self.sem_ver(s, scope),
         }
+    }
+
+    /// `eval(node).truthy()`, without building values for the operations whose result is a
+    /// boolean anyway (the conditions of `if`, `and`, `or`, `!`).
+    fn truthy(&self, node: &'a Node, scope: Scope<'_, 'a>) -> bool {
+        match node {
+            // `and` of nothing is null, so false.
+            Node::And(args) => !args.is_empty() && args.iter().all(|a| self.truthy(a, scope)),
+            Node::Or(args) => args.iter().any(|a| self.truthy(a, scope)),
+            Node::Op(op, args) => match op {
+                Op::Not => !args.first().is_some_and(|a| self.truthy(a, scope)),
+                Op::NotNot => args.first().is_some_and(|a| self.truthy(a, scope)),
+                Op::Eq
+                | Op::Ne
+                | Op::StrictEq
+                | Op::StrictNe
+                | Op::Lt
+                | Op::Le
+                | Op::Gt
+                | Op::Ge => self.compare(*op, args, scope),
+                _ => self.op(*op, args, scope).truthy(),
+            },
+            Node::CmpVarLit(c) => self.cmp_var_lit(c, scope),
+            Node::InStrings(needle, set) => self.in_strings(needle, set, scope),
+            Node::Lit(v) => Val::from_json(v).truthy(),
+            other => self.eval(other, scope).truthy(),
+        }
+    }
+
+    /// The JSON a `var` path reads from the context's attributes, without building a value; the
+    /// outer `None` when the path is not a plain attribute path read at the top.
+    fn attribute_json(&self, path: &'a Path, scope: Scope<'_, 'a>) -> Option<Option<&'a Value>> {
+        match (scope, &path.root) {
+            (Scope::Root, Root::Attr) => {
+                let (first, rest) = path.segs.split_first()?;
+                let mut v = attribute(self.env.ctx, &first.key);
+                for s in rest {
+                    v = match v {
+                        Some(Value::Object(m)) => m.get(&*s.key),
+                        Some(Value::Array(a)) => s.index.and_then(|i| a.get(i)),
+                        _ => None,
+                    };
+                }
+                Some(v)
+            }
+            _ => None,
+        }
+    }
+
+    fn cmp_var_lit(&self, c: &'a CmpVarLit, scope: Scope<'_, 'a>) -> bool {
+        // Fast paths: a string or number attribute against a literal of the same type, where
+        // JavaScript's coercions change nothing.
+        if let Some(found) = self.attribute_json(&c.path, scope) {
+            match (found, &c.lit) {
+                (Some(Value::String(a)), Value::String(b)) => {
+                    let (a, b) = if c.var_first { (a, b) } else { (b, a) };
+                    if let Some(r) = compare_same(c.op, a.as_str().cmp(b.as_str())) {
+                        return r;
+                    }
+                }
+                (Some(Value::Number(a)), Value::Number(b)) => {
+                    if let (Some(a), Some(b)) = (a.as_f64(), b.as_f64()) {
+                        let (a, b) = if c.var_first { (a, b) } else { (b, a) };
+                        if let Some(ord) = a.partial_cmp(&b) {
+                            if let Some(r) = compare_same(c.op, ord) {
+                                return r;
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let var = self.lookup(&c.path, scope).unwrap_or(Val::Null);
+        let lit = Val::from_json(&c.lit);
+        let (a, b) = if c.var_first {
+            (&var, &lit)
+        } else {
+            (&lit, &var)
+        };
+        match c.op {
+            Op::Eq => a.loose_eq(b),
+            Op::Ne => !a.loose_eq(b),
+            Op::StrictEq => a.strict_eq(b),
+            Op::StrictNe => !a.strict_eq(b),
+            Op::Lt => a.less_than(b) == Some(true),
+            Op::Le => b.less_than(a) == Some(false),
+            Op::Gt => b.less_than(a) == Some(true),
+            Op::Ge => a.less_than(b) == Some(false),
+            // Only comparisons are compiled into this node.
+            _ => false,
+        }
+    }
+
+    fn in_strings(&self, needle: &'a Node, set: &StringSet, scope: Scope<'_, 'a>) -> bool {
+        if let Node::Var {
+            path,
+            default: None,
+        } = needle
+        {
+            if let Some(found) = self.attribute_json(path, scope) {
+                return matches!(found, Some(Value::String(s)) if set.contains(s));
+            }
+        }
+        // Every element is a string, so only a string needle can be strictly equal to one.
+        match self.eval(needle, scope).as_str() {
+            Some(s) => set.contains(s),
+            None => false,
+        }
+    }
+
+    /// The comparison operations, as booleans.
+    fn compare(&self, op: Op, args: &'a [Node], scope: Scope<'_, 'a>) -> bool {
+        let arg = |i: usize| -> Val<'a> {
+            match args.get(i) {
+                Some(n) => self.eval(n, scope),
+                None => Val::Null,
+            }
+        };
+        match op {
+            Op::Eq => arg(0).loose_eq(&arg(1)),
+            Op::Ne => !arg(0).loose_eq(&arg(1)),
+            Op::StrictEq => arg(0).strict_eq(&arg(1)),
+            Op::StrictNe => !arg(0).strict_eq(&arg(1)),
+            Op::Lt | Op::Le => {
+                if args.len() < 2 {
+                    // Comparing with JavaScript's `undefined` is always false.
+                    let _ = arg(0);
+                    return false;
+                }
+                let strict = op == Op::Lt;
+                let cmp = |a: &Val<'_>, b: &Val<'_>| {
+                    if strict {
+                        a.less_than(b) == Some(true)
+                    } else {
+                        b.less_than(a) == Some(false)
+                    }
+                };
+                let (a, b) = (arg(0), arg(1));
+                if args.len() >= 3 {
+                    let c = arg(2);
+                    cmp(&a, &b) && cmp(&b, &c)
+                } else {
+                    cmp(&a, &b)
+                }
+            }
+            Op::Gt | Op::Ge => {
+                if args.len() < 2 {
+                    let _ = arg(0);
+                    return false;
+                }
+                let (a, b) = (arg(0), arg(1));
+                if op == Op::Gt {
+                    b.less_than(&a) == Some(true)
+                } else {
+                    a.less_than(&b) == Some(false)
+                }
+            }
+            _ => self.op(op, args, scope).truthy(),
+        }
+    }
+
+    #[inline(never)]
+    fn array(&self, items: &'a [Node], scope: Scope<'_, 'a>) -> Val<'a> {
+        Val::Array(items.iter().map(|i| self.eval(i, scope)).collect())
+    }
+
+    #[inline(never)]
+    fn var_dyn(&self, args: &'a [Node], scope: Scope<'_, 'a>) -> Val<'a> {
+        let vals: Vec<Val<'a>> = args.iter().map(|a| self.eval(a, scope)).collect();
+        let text = match vals.first() {
+            None | Some(Val::Null) => String::new(),
+            Some(v) => v.to_js_string(),
+        };
+        match self.lookup(&split_path(&text), scope) {
+            Some(v) => v,
+            None => vals.into_iter().nth(1).unwrap_or(Val::Null),
+        }
+    }
+
+    #[inline(never)]
+    fn reduce(&self, parts: &'a [Node; 3], has_initial: bool, scope: Scope<'_, 'a>) -> Val<'a> {
+        let initial = if has_initial {
+            self.eval(&parts[2], scope)
+        } else {
+            Val::Null
+        };
+        let data = self.eval(&parts[0], scope);
+        let Some(items) = data.array_items() else {
+            return initial;
+        };
+        let mut acc = initial;
+        for item in &items {
+            acc = self.eval(
+                &parts[1],
+                Scope::Reduce {
+                    current: item,
+                    accumulator: &acc,
+                },
+            );
+        }
+        acc
     }
 
     /// Reads a static path; `None` when JavaScript would find `undefined` (the default applies).
@@ -573,46 +834,11 @@ impl<'a> Eval<'_, 'a> {
             }
         };
         match op {
-            Op::Eq => Val::Bool(arg(0).loose_eq(&arg(1))),
-            Op::Ne => Val::Bool(!arg(0).loose_eq(&arg(1))),
-            Op::StrictEq => Val::Bool(arg(0).strict_eq(&arg(1))),
-            Op::StrictNe => Val::Bool(!arg(0).strict_eq(&arg(1))),
+            Op::Eq | Op::Ne | Op::StrictEq | Op::StrictNe | Op::Lt | Op::Le | Op::Gt | Op::Ge => {
+                Val::Bool(self.compare(op, args, scope))
+            }
             Op::Not => Val::Bool(!arg(0).truthy()),
             Op::NotNot => Val::Bool(arg(0).truthy()),
-            Op::Lt | Op::Le => {
-                if args.len() < 2 {
-                    // Comparing with JavaScript's `undefined` is always false.
-                    let _ = arg(0);
-                    return Val::Bool(false);
-                }
-                let strict = op == Op::Lt;
-                let cmp = |a: &Val<'_>, b: &Val<'_>| {
-                    if strict {
-                        a.less_than(b) == Some(true)
-                    } else {
-                        b.less_than(a) == Some(false)
-                    }
-                };
-                let (a, b) = (arg(0), arg(1));
-                if args.len() >= 3 {
-                    let c = arg(2);
-                    Val::Bool(cmp(&a, &b) && cmp(&b, &c))
-                } else {
-                    Val::Bool(cmp(&a, &b))
-                }
-            }
-            Op::Gt | Op::Ge => {
-                if args.len() < 2 {
-                    let _ = arg(0);
-                    return Val::Bool(false);
-                }
-                let (a, b) = (arg(0), arg(1));
-                Val::Bool(if op == Op::Gt {
-                    b.less_than(&a) == Some(true)
-                } else {
-                    a.less_than(&b) == Some(false)
-                })
-            }
             Op::Add => Val::Num(
                 args.iter()
                     .map(|n| self.eval(n, scope).parse_float())
@@ -740,6 +966,7 @@ impl<'a> Eval<'_, 'a> {
         }
     }
 
+    #[inline(never)]
     fn missing(&self, vals: Vec<Val<'a>>, scope: Scope<'_, 'a>) -> Val<'a> {
         let keys: Vec<Val<'a>> = match vals.first().and_then(Val::array_items) {
             Some(items) => items,
@@ -763,6 +990,7 @@ impl<'a> Eval<'_, 'a> {
         Val::Array(out)
     }
 
+    #[inline(never)]
     fn iter(&self, kind: Iter, data: &'a Node, logic: &'a Node, scope: Scope<'_, 'a>) -> Val<'a> {
         let data = self.eval(data, scope);
         let items = data.array_items();
@@ -824,6 +1052,7 @@ impl<'a> Eval<'_, 'a> {
         self.fractional_generic(f, scope)
     }
 
+    #[inline(never)]
     fn fractional_generic(&self, f: &'a FractionalNode, scope: Scope<'_, 'a>) -> Val<'a> {
         let vals: Vec<Val<'a>> = f.args.iter().map(|a| self.eval(a, scope)).collect();
         let Some(first) = vals.first() else {
@@ -861,11 +1090,17 @@ impl<'a> Eval<'_, 'a> {
             return Val::Null;
         }
         let actual = self.eval(&s.args[0], scope);
-        let Some(actual) = Version::from_val(&actual) else {
+        let Some(actual_text) = version_text(&actual) else {
+            return Val::Null;
+        };
+        let Some(actual) = Version::normalize_and_parse(&actual_text) else {
             return Val::Null;
         };
         let result = match &s.constant {
-            Some(Some((op, target))) => op.apply(&actual, target),
+            Some(Some((op, target))) => match Version::normalize_and_parse(target) {
+                Some(target) => op.apply(&actual, &target),
+                None => return Val::Null,
+            },
             Some(None) => return Val::Null,
             None => {
                 let op = self.eval(&s.args[1], scope);
@@ -873,7 +1108,10 @@ impl<'a> Eval<'_, 'a> {
                 let Some(op) = op.as_str().and_then(SemverOp::parse) else {
                     return Val::Null;
                 };
-                let Some(target) = Version::from_val(&target) else {
+                let Some(target_text) = version_text(&target) else {
+                    return Val::Null;
+                };
+                let Some(target) = Version::normalize_and_parse(&target_text) else {
                     return Val::Null;
                 };
                 op.apply(&actual, &target)
@@ -883,6 +1121,21 @@ impl<'a> Eval<'_, 'a> {
     }
 }
 
+/// A comparison of two values of one type (both strings or both non-NaN numbers), given their
+/// order; `None` for operations that are not comparisons.
+fn compare_same(op: Op, ord: std::cmp::Ordering) -> Option<bool> {
+    use std::cmp::Ordering::*;
+    Some(match op {
+        Op::Eq | Op::StrictEq => ord == Equal,
+        Op::Ne | Op::StrictNe => ord != Equal,
+        Op::Lt => ord == Less,
+        Op::Le => ord != Greater,
+        Op::Gt => ord == Greater,
+        Op::Ge => ord != Less,
+        _ => return None,
+    })
+}
+
 /// Contexts are small: below this many attributes a scan beats hashing the key.
 const SCAN_ATTRIBUTES: usize = 12;
 
@@ -890,7 +1143,7 @@ fn attribute<'c>(ctx: &'c EvaluationContext, key: &str) -> Option<&'c Value> {
     if ctx.attributes.len() <= SCAN_ATTRIBUTES {
         ctx.attributes
             .iter()
-            .find_map(|(k, v)| (k.as_str() == key).then_some(v))
+            .find_map(|(k, v)| str_eq(k, key).then_some(v))
     } else {
         ctx.attributes.get(key)
     }
@@ -1093,6 +1346,13 @@ mod tests {
             (json!({"or": [0, "", "z", "w"]}), json!({}), json!("z")),
             (json!({"or": [0, ""]}), json!({}), json!("")),
             (json!({"and": []}), json!({}), json!(null)),
+            (
+                json!({"if": [{"and": []}, "a", "b"]}),
+                json!({}),
+                json!("b"),
+            ),
+            (json!({"if": [{"or": []}, "a", "b"]}), json!({}), json!("b")),
+            (json!({"if": [{"!": []}, "a", "b"]}), json!({}), json!("a")),
         ]);
     }
 

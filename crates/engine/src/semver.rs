@@ -11,14 +11,15 @@ use std::cmp::Ordering;
 
 use crate::val::Val;
 
-/// A parsed version; numbers kept as digit strings so any size compares correctly.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Version {
-    major: Box<str>,
-    minor: Box<str>,
-    patch: Box<str>,
-    /// Prerelease identifiers; empty for a release.
-    pre: Vec<Box<str>>,
+/// A parsed version borrowing from its text: numbers kept as digit strings so any size compares
+/// correctly, and parsing allocates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Version<'s> {
+    major: &'s str,
+    minor: &'s str,
+    patch: &'s str,
+    /// Prerelease identifiers joined by dots, without the `-`; empty for a release.
+    pre: &'s str,
 }
 
 /// The comparison of `sem_ver`.
@@ -51,7 +52,7 @@ impl SemverOp {
         })
     }
 
-    pub(crate) fn apply(self, a: &Version, b: &Version) -> bool {
+    pub(crate) fn apply(self, a: &Version<'_>, b: &Version<'_>) -> bool {
         match self {
             SemverOp::Eq => a.cmp(b) == Ordering::Equal,
             SemverOp::Ne => a.cmp(b) != Ordering::Equal,
@@ -65,40 +66,40 @@ impl SemverOp {
     }
 }
 
-impl Version {
-    /// A `sem_ver` argument as flagd reads it: strings as they are, other values as Go's `%v`
-    /// prints them (so `1.2` is `v1.2`, and `true` or `null` are invalid).
-    pub(crate) fn from_val(v: &Val<'_>) -> Option<Version> {
-        match v {
-            Val::Str(s) => Version::normalize_and_parse(s),
-            Val::String(s) => Version::normalize_and_parse(s),
-            Val::Num(n) => Version::normalize_and_parse(&go_float_text(*n)?),
-            _ => None,
-        }
+/// The text of a `sem_ver` argument as flagd reads it: strings as they are, numbers as Go's `%v`
+/// prints them (so `1.2` is `v1.2`); `None` for anything else (`true`, `null`, arrays), which no
+/// version parses.
+pub(crate) fn version_text<'v>(v: &'v Val<'_>) -> Option<std::borrow::Cow<'v, str>> {
+    match v {
+        Val::Str(s) => Some((*s).into()),
+        Val::String(s) => Some(s.as_str().into()),
+        Val::Num(n) => go_float_text(*n).map(Into::into),
+        _ => None,
     }
+}
 
-    pub(crate) fn normalize_and_parse(s: &str) -> Option<Version> {
+impl<'s> Version<'s> {
+    /// Parses after flagd's normalisation: a missing `v` is added, a leading `V` becomes `v`.
+    pub(crate) fn normalize_and_parse(s: &'s str) -> Option<Version<'s>> {
         match s.strip_prefix('v') {
             Some(rest) => Version::parse_unprefixed(rest),
             None => Version::parse_unprefixed(s.strip_prefix('V').unwrap_or(s)),
         }
     }
 
-    fn parse_unprefixed(v: &str) -> Option<Version> {
+    fn parse_unprefixed(v: &'s str) -> Option<Version<'s>> {
         let (major, rest) = parse_int(v)?;
         let Some(rest) = rest.strip_prefix('.') else {
-            return rest
-                .is_empty()
-                .then(|| Version::new(major, "0", "0", vec![]));
+            return rest.is_empty().then_some(Version::new(major, "0", "0", ""));
         };
         let (minor, rest) = parse_int(rest)?;
         let Some(rest) = rest.strip_prefix('.') else {
             return rest
                 .is_empty()
-                .then(|| Version::new(major, minor, "0", vec![]));
+                .then_some(Version::new(major, minor, "0", ""));
         };
         let (patch, mut rest) = parse_int(rest)?;
-        let mut pre = Vec::new();
+        let mut pre = "";
         if let Some(p) = rest.strip_prefix('-') {
             let end = p.find('+').unwrap_or(p.len());
             for ident in p[..end].split('.') {
@@ -106,8 +107,8 @@ impl Version {
                 if !valid_ident(ident) || (numeric && ident.len() > 1 && ident.starts_with('0')) {
                     return None;
                 }
-                pre.push(Box::from(ident));
             }
+            pre = &p[..end];
             rest = &p[end..];
         }
         if let Some(build) = rest.strip_prefix('+') {
@@ -117,31 +118,31 @@ impl Version {
             rest = "";
         }
         rest.is_empty()
-            .then(|| Version::new(major, minor, patch, pre))
+            .then_some(Version::new(major, minor, patch, pre))
     }
 
-    fn new(major: &str, minor: &str, patch: &str, pre: Vec<Box<str>>) -> Version {
+    fn new(major: &'s str, minor: &'s str, patch: &'s str, pre: &'s str) -> Version<'s> {
         Version {
-            major: major.into(),
-            minor: minor.into(),
-            patch: patch.into(),
+            major,
+            minor,
+            patch,
             pre,
         }
     }
 }
 
-impl PartialOrd for Version {
+impl PartialOrd for Version<'_> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for Version {
+impl Ord for Version<'_> {
     fn cmp(&self, other: &Self) -> Ordering {
-        cmp_num(&self.major, &other.major)
-            .then_with(|| cmp_num(&self.minor, &other.minor))
-            .then_with(|| cmp_num(&self.patch, &other.patch))
-            .then_with(|| cmp_pre(&self.pre, &other.pre))
+        cmp_num(self.major, other.major)
+            .then_with(|| cmp_num(self.minor, other.minor))
+            .then_with(|| cmp_num(self.patch, other.patch))
+            .then_with(|| cmp_pre(self.pre, other.pre))
     }
 }
 
@@ -150,7 +151,7 @@ fn cmp_num(a: &str, b: &str) -> Ordering {
     a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
-fn cmp_pre(a: &[Box<str>], b: &[Box<str>]) -> Ordering {
+fn cmp_pre(a: &str, b: &str) -> Ordering {
     match (a.is_empty(), b.is_empty()) {
         (true, true) => return Ordering::Equal,
         // A release sorts after its prereleases.
@@ -158,19 +159,23 @@ fn cmp_pre(a: &[Box<str>], b: &[Box<str>]) -> Ordering {
         (false, true) => return Ordering::Less,
         _ => {}
     }
-    for (x, y) in a.iter().zip(b) {
-        if x == y {
-            continue;
+    let (mut xs, mut ys) = (a.split('.'), b.split('.'));
+    loop {
+        match (xs.next(), ys.next()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x == y => continue,
+            (Some(x), Some(y)) => {
+                return match (is_num(x), is_num(y)) {
+                    (true, false) => Ordering::Less,
+                    (false, true) => Ordering::Greater,
+                    (true, true) => cmp_num(x, y),
+                    (false, false) => x.cmp(y),
+                }
+            }
         }
-        let (nx, ny) = (is_num(x), is_num(y));
-        return match (nx, ny) {
-            (true, false) => Ordering::Less,
-            (false, true) => Ordering::Greater,
-            (true, true) => cmp_num(x, y),
-            (false, false) => x.cmp(y),
-        };
     }
-    a.len().cmp(&b.len())
 }
 
 fn is_num(s: &str) -> bool {
@@ -211,8 +216,14 @@ fn go_float_text(n: f64) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn v(s: &str) -> Version {
+    fn v(s: &str) -> Version<'_> {
         Version::normalize_and_parse(s).unwrap_or_else(|| panic!("{s} should parse"))
+    }
+
+    fn from_val(v: &Val<'_>) -> Option<String> {
+        let text = version_text(v)?.into_owned();
+        Version::normalize_and_parse(&text)?;
+        Some(text)
     }
 
     #[test]
@@ -273,11 +284,11 @@ mod tests {
 
     #[test]
     fn numbers_read_as_go_prints_them() {
-        assert_eq!(Version::from_val(&Val::Num(1.2)), Some(v("1.2.0")));
-        assert_eq!(Version::from_val(&Val::Num(3.0)), Some(v("3.0.0")));
-        assert_eq!(Version::from_val(&Val::Num(1.05)), None);
-        assert_eq!(Version::from_val(&Val::Num(2_000_000.0)), None);
-        assert_eq!(Version::from_val(&Val::Bool(true)), None);
-        assert_eq!(Version::from_val(&Val::Null), None);
+        assert_eq!(from_val(&Val::Num(1.2)).as_deref(), Some("1.2"));
+        assert_eq!(from_val(&Val::Num(3.0)).as_deref(), Some("3"));
+        assert_eq!(from_val(&Val::Num(1.05)), None);
+        assert_eq!(from_val(&Val::Num(2_000_000.0)), None);
+        assert_eq!(from_val(&Val::Bool(true)), None);
+        assert_eq!(from_val(&Val::Null), None);
     }
 }

@@ -26,6 +26,20 @@ pub(crate) enum Val<'a> {
     Owned(Rc<Value>),
 }
 
+/// String equality for the short keys and values rules compare: inline for up to 16 bytes, where
+/// a call to `memcmp` costs more than the comparison.
+#[inline]
+pub(crate) fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    if a.len() > 16 {
+        return a == b;
+    }
+    a.iter().zip(b).all(|(x, y)| x == y)
+}
+
 /// A value as JavaScript's ToPrimitive leaves it.
 enum Prim<'v> {
     Null,
@@ -174,12 +188,13 @@ impl<'a> Val<'a> {
     /// them by identity, and every value here is a fresh one).
     pub(crate) fn loose_eq(&self, other: &Val<'_>) -> bool {
         match (self, other) {
+            (Val::Str(a), Val::Str(b)) => str_eq(a, b),
+            (Val::Num(a), Val::Num(b)) => a == b,
             (Val::Null, Val::Null) => true,
             (Val::Null, _) | (_, Val::Null) => false,
             (a, b) if a.is_object_like() && b.is_object_like() => false,
             (Val::Bool(b), o) => Val::Num(f64::from(u8::from(*b))).loose_eq(o),
             (o, Val::Bool(b)) => o.loose_eq(&Val::Num(f64::from(u8::from(*b)))),
-            (Val::Num(a), Val::Num(b)) => a == b,
             (a, b) => match (a.to_primitive(), b.to_primitive()) {
                 (Prim::Str(x), Prim::Str(y)) => x == y,
                 (Prim::Num(n), Prim::Str(s)) | (Prim::Str(s), Prim::Num(n)) => {
@@ -197,7 +212,7 @@ impl<'a> Val<'a> {
             (Val::Bool(a), Val::Bool(b)) => a == b,
             (Val::Num(a), Val::Num(b)) => a == b,
             (a, b) => match (a.as_str(), b.as_str()) {
-                (Some(x), Some(y)) => x == y,
+                (Some(x), Some(y)) => str_eq(x, y),
                 _ => false,
             },
         }
@@ -208,6 +223,7 @@ impl<'a> Val<'a> {
     pub(crate) fn less_than(&self, other: &Val<'_>) -> Option<bool> {
         match (self, other) {
             (Val::Num(a), Val::Num(b)) => (!a.is_nan() && !b.is_nan()).then_some(a < b),
+            (Val::Str(a), Val::Str(b)) => Some(a < b),
             _ => {
                 let (pa, pb) = (self.to_primitive(), other.to_primitive());
                 if let (Prim::Str(a), Prim::Str(b)) = (&pa, &pb) {
