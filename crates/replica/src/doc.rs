@@ -532,7 +532,8 @@ impl FlagSetDoc {
                 Ok(self.plan_set(set))
             }
             WriteCommand::SetEvaluator { name, rule } => {
-                let mut set = self.to_flagd();
+                let current = self.to_flagd();
+                let mut set = current.clone();
                 match rule {
                     Some(r) => {
                         set.evaluators.insert(name.clone(), r.clone());
@@ -541,14 +542,15 @@ impl FlagSetDoc {
                         set.evaluators.shift_remove(name);
                     }
                 }
-                self.validate_set_wide(&set)?;
+                validate_set_wide(&current, &set)?;
                 Ok(vec![Edit::Set(vec![(
                     Field::Evaluator(name.clone()),
                     rule.clone(),
                 )])])
             }
             WriteCommand::SetSetMetadata { name, value } => {
-                let mut set = self.to_flagd();
+                let current = self.to_flagd();
+                let mut set = current.clone();
                 match value {
                     Some(v) => {
                         set.metadata.insert(name.clone(), v.clone());
@@ -557,38 +559,11 @@ impl FlagSetDoc {
                         set.metadata.shift_remove(name);
                     }
                 }
-                self.validate_set_wide(&set)?;
+                validate_set_wide(&current, &set)?;
                 Ok(vec![Edit::Set(vec![(
                     Field::SetMetadata(name.clone()),
                     value.clone(),
                 )])])
-            }
-        }
-    }
-
-    /// Set-wide writes must not add problems: flags already broken by a merge stay broken but do
-    /// not block an unrelated evaluator or metadata write.
-    fn validate_set_wide(&self, set: &FlagSet) -> Result<(), Error> {
-        let before: HashSet<Problem> = self
-            .broken_flags()
-            .into_iter()
-            .flat_map(|b| b.problems)
-            .collect();
-        let mut as_map = set.clone();
-        as_map.flags_form = FlagsForm::Map;
-        match FlagSet::from_value(&as_map.to_value()) {
-            Ok(_) => Ok(()),
-            Err(problems) => {
-                let new: Vec<Problem> = problems
-                    .0
-                    .into_iter()
-                    .filter(|p| !before.contains(p))
-                    .collect();
-                if new.is_empty() {
-                    Ok(())
-                } else {
-                    Err(Error::Invalid(bunting_model::Problems(new)))
-                }
             }
         }
     }
@@ -1578,6 +1553,31 @@ fn strip_array_form(doc: Value) -> Value {
     doc
 }
 
+/// Set-wide writes must not add problems: flags already broken by a merge stay broken but do not
+/// block an unrelated evaluator or metadata write.
+fn validate_set_wide(current: &FlagSet, set: &FlagSet) -> Result<(), Error> {
+    let before: HashSet<Problem> = problems_of(current).into_iter().collect();
+    let new: Vec<Problem> = problems_of(set)
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    if new.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(bunting_model::Problems(new)))
+    }
+}
+
+/// Every validation problem of a flag set, with pointers in map form.
+fn problems_of(set: &FlagSet) -> Vec<Problem> {
+    let mut as_map = set.clone();
+    as_map.flags_form = FlagsForm::Map;
+    match FlagSet::from_value(&as_map.to_value()) {
+        Ok(_) => Vec::new(),
+        Err(p) => p.0,
+    }
+}
+
 /// Applies a one-field patch command to `flag`; returns the field write, `None` for commands that
 /// are not one-field patches.
 fn patch_flag(flag: &mut Flag, command: &WriteCommand) -> Option<(Field, Option<Value>)> {
@@ -2002,6 +2002,48 @@ mod tests {
             based_on: Some(base),
         };
         assert_eq!(doc.apply(&other, &meta("t2", 4)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn removing_an_evaluator_a_flag_uses_is_refused() {
+        let mut doc = FlagSetDoc::new(identity("a"));
+        write(
+            &mut doc,
+            WriteCommand::SetEvaluator {
+                name: "vip".into(),
+                rule: Some(json!({"in": [{"var": "tier"}, ["gold"]]})),
+            },
+            "t",
+            1,
+        );
+        let mut flag = bool_flag("off");
+        flag.targeting = Some(json!({"if": [{"$ref": "vip"}, "on", null]}));
+        put(&mut doc, "f", flag, 2);
+        let heads = doc.heads();
+        let err = doc
+            .apply(
+                &WriteCommand::SetEvaluator {
+                    name: "vip".into(),
+                    rule: None,
+                }
+                .into(),
+                &meta("t", 3),
+            )
+            .unwrap_err();
+        assert!(matches!(err, Error::Invalid(_)));
+        assert_eq!(doc.heads(), heads);
+        assert_eq!(doc.to_flagd().evaluators.len(), 1);
+        // An unrelated set-wide write goes through.
+        write(
+            &mut doc,
+            WriteCommand::SetSetMetadata {
+                name: "env".into(),
+                value: Some(json!("prod")),
+            },
+            "t",
+            4,
+        );
+        assert_eq!(doc.to_flagd().metadata["env"], json!("prod"));
     }
 
     #[test]
