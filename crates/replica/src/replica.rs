@@ -471,9 +471,13 @@ impl Replica {
             let Some(set) = self.sets.get_mut(&name) else {
                 continue;
             };
+            let heads = set.doc.heads();
             for peer in &self.connected {
                 if let Some(ps) = set.peers.get_mut(peer) {
-                    if !ps.muted {
+                    // A peer that last told us it holds exactly our heads needs nothing from us
+                    // (what it has that we lack, its own rounds offer).
+                    let in_sync = ps.state.their_heads.as_deref() == Some(heads.as_slice());
+                    if !ps.muted && !in_sync {
                         // Forget what this session believes is in flight, so anything lost is
                         // offered again (the peer's bloom filter tells what it lacks).
                         ps.state = fresh_session(&ps.state);

@@ -628,7 +628,7 @@ proptest! {
     #[test]
     fn replicas_converge_after_any_interleaving_and_message_faults(
         n in 2..=5usize,
-        steps in proptest::collection::vec(step(), 1..60),
+        steps in proptest::collection::vec(step(), 1..100),
     ) {
         let mut c = Cluster::new(n);
         for node in &mut c.nodes {
