@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::compiled::{CompileOptions, FractionalBucketing};
 use crate::context::{flagd_properties, EvaluationContext};
 use crate::fractional::{self, Distribution};
-use crate::semver::{version_text, SemverOp, Version};
+use crate::semver::{version_text, OwnedVersion, SemverOp, Version};
 pub(crate) use crate::val::Val;
 use crate::val::{canonical_index, lookup_json, str_eq};
 
@@ -189,9 +189,8 @@ struct ConstantFractional {
 #[derive(Debug)]
 struct SemVerNode {
     args: Vec<Node>,
-    /// Checked when the operator and target version are literals (the target's validated text is
-    /// kept and re-read, which allocates nothing): `None` inside when invalid.
-    constant: Option<Option<(SemverOp, Box<str>)>>,
+    /// Parsed when the operator and target version are literals: `None` inside when invalid.
+    constant: Option<Option<(SemverOp, OwnedVersion)>>,
 }
 
 impl Rule {
@@ -355,13 +354,13 @@ impl Compiler<'_> {
             "fractional" => Ok(Node::Fractional(Box::new(compile_fractional(args)))),
             "sem_ver" => {
                 let constant = match (args.len(), args.get(1), args.get(2)) {
-                    (3, Some(Node::Lit(op)), Some(Node::Lit(target))) => Some(
-                        op.as_str().and_then(SemverOp::parse).zip(
-                            version_text(&Val::from_json(target))
-                                .filter(|t| Version::normalize_and_parse(t).is_some())
-                                .map(|t| Box::from(&*t)),
-                        ),
-                    ),
+                    (3, Some(Node::Lit(op)), Some(Node::Lit(target))) => {
+                        Some(op.as_str().and_then(SemverOp::parse).zip(
+                            version_text(&Val::from_json(target)).and_then(|t| {
+                                Version::normalize_and_parse(&t).map(Version::to_owned_version)
+                            }),
+                        ))
+                    }
                     _ => None,
                 };
                 Ok(Node::SemVer(Box::new(SemVerNode { args, constant })))
@@ -1097,10 +1096,7 @@ impl<'a> Eval<'_, 'a> {
             return Val::Null;
         };
         let result = match &s.constant {
-            Some(Some((op, target))) => match Version::normalize_and_parse(target) {
-                Some(target) => op.apply(&actual, &target),
-                None => return Val::Null,
-            },
+            Some(Some((op, target))) => op.apply(&actual, &target.view()),
             Some(None) => return Val::Null,
             None => {
                 let op = self.eval(&s.args[1], scope);

@@ -22,6 +22,21 @@ pub(crate) struct Version<'s> {
     pre: &'s str,
 }
 
+/// A version kept in a compiled rule (a literal target), parsed once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OwnedVersion {
+    major: Box<str>,
+    minor: Box<str>,
+    patch: Box<str>,
+    pre: Box<str>,
+}
+
+impl OwnedVersion {
+    pub(crate) fn view(&self) -> Version<'_> {
+        Version::new(&self.major, &self.minor, &self.patch, &self.pre)
+    }
+}
+
 /// The comparison of `sem_ver`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SemverOp {
@@ -119,6 +134,15 @@ impl<'s> Version<'s> {
         }
         rest.is_empty()
             .then_some(Version::new(major, minor, patch, pre))
+    }
+
+    pub(crate) fn to_owned_version(self) -> OwnedVersion {
+        OwnedVersion {
+            major: self.major.into(),
+            minor: self.minor.into(),
+            patch: self.patch.into(),
+            pre: self.pre.into(),
+        }
     }
 
     fn new(major: &'s str, minor: &'s str, patch: &'s str, pre: &'s str) -> Version<'s> {
