@@ -54,7 +54,7 @@ pub struct Faults {
     /// number for a different change.
     pub send_before_persist_and_reuse_actor: bool,
     /// TEST ONLY. Drop the first sync message that carries changes to each (peer, flag set), and
-    /// never retry that peer in anti-entropy rounds.
+    /// send nothing more about that flag set to that peer (no retry, no anti-entropy).
     pub drop_sync_message_without_retry: bool,
     /// TEST ONLY. Never run anti-entropy rounds.
     pub skip_anti_entropy: bool,
@@ -597,6 +597,15 @@ impl Replica {
             ps.state = fresh_session(&ps.state);
             return Err(Error::Protocol(format!("sync message did not apply: {e}")));
         }
+        if !self.config.faults.drop_sync_message_without_retry {
+            // The peer asks for changes this session believes it sent: that message was lost.
+            // Offer them again now rather than trade empty messages until the next round.
+            if let Some(need) = ps.state.their_need.clone() {
+                for hash in need {
+                    ps.state.sent_hashes.remove(&hash);
+                }
+            }
+        }
         let heads = set.doc.heads();
         let changed = heads != before;
         if changed {
@@ -672,6 +681,9 @@ impl Replica {
             return;
         }
         let ps = set.peers.entry(peer.clone()).or_default();
+        if ps.muted {
+            return;
+        }
         let doc: &Automerge = set.doc.automerge();
         let Some(message) = doc.generate_sync_message(&mut ps.state) else {
             return;

@@ -331,6 +331,57 @@ fn the_planted_send_before_persist_bug_sends_unstored_changes_and_reuses_the_act
 }
 
 #[test]
+fn a_lost_push_is_repaired_by_anti_entropy_unless_the_planted_bug_skips_it() {
+    for skip in [false, true] {
+        let mut c = Cluster::with_faults(
+            2,
+            Faults {
+                skip_anti_entropy: skip,
+                ..Faults::default()
+            },
+        );
+        c.settle();
+        c.write(0, put_flag("f")).unwrap();
+        assert!(!c.in_flight.is_empty());
+        c.in_flight.clear();
+        c.settle();
+        assert_eq!(c.converged(), !skip, "skip_anti_entropy = {skip}");
+    }
+}
+
+#[test]
+fn a_lost_change_is_resent_as_soon_as_the_peer_asks_for_it() {
+    let mut c = Cluster::new(2);
+    c.settle();
+    c.write(0, put_flag("lost")).unwrap();
+    c.in_flight.clear();
+    // Node 1's next push shows node 0's heads to node 1, which then asks for what it lacks.
+    c.write(1, put_flag("other")).unwrap();
+    let mut delivered = 0;
+    while !c.in_flight.is_empty() && delivered < 50 {
+        c.deliver(0);
+        delivered += 1;
+    }
+    assert!(c.converged(), "not repaired without an anti-entropy round");
+    assert!(delivered < 20, "{delivered} frames exchanged");
+}
+
+#[test]
+fn the_planted_drop_without_retry_bug_leaves_a_peer_behind() {
+    let mut c = Cluster::with_faults(
+        2,
+        Faults {
+            drop_sync_message_without_retry: true,
+            ..Faults::default()
+        },
+    );
+    c.settle();
+    c.write(0, put_flag("f")).unwrap();
+    c.settle();
+    assert!(!c.converged());
+}
+
+#[test]
 fn a_restart_takes_a_fresh_actor_and_keeps_persisted_writes() {
     let mut c = Cluster::new(1);
     c.write(0, put_flag("f")).unwrap();
