@@ -162,6 +162,17 @@ fn one_field_write(pair: &mut Pair, i: usize) {
     pair.run();
 }
 
+/// User + system CPU time of this process in milliseconds (Linux; assumes 100 clock ticks/s).
+fn cpu_millis() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) * 10)
+}
+
 fn benches(c: &mut Criterion) {
     let doc = build();
     let saved = doc.save();
@@ -181,14 +192,28 @@ fn benches(c: &mut Criterion) {
         "one-field change between replicas in sync: {} bytes in {} frames",
         pair.bytes, pair.frames
     );
+    // CPU time (user + system, from /proc/self/stat) of 300 one-field syncs: on a shared machine
+    // the wall-clock timings below include time spent waiting for a core.
+    let before = cpu_millis();
+    for i in 1..=300 {
+        one_field_write(&mut pair, i);
+    }
+    if let (Some(b), Some(a)) = (before, cpu_millis()) {
+        eprintln!(
+            "one-field change, write + persist + sync round: {:.2} ms CPU each (300 runs)",
+            (a - b) as f64 / 300.0
+        );
+    }
     let heads_a = pair.a.flag_set(SET).map(FlagSetDoc::heads);
     assert_eq!(heads_a, pair.b.flag_set(SET).map(FlagSetDoc::heads));
 
     // An empty replica catching up: bytes on the wire.
     let mut fresh = Pair::new(replica_from(&doc, "a"), empty_replica("b"));
+    let before = cpu_millis();
     fresh.run();
+    let cpu = before.zip(cpu_millis()).map(|(b, a)| a - b).unwrap_or(0);
     eprintln!(
-        "empty replica catch-up: {} bytes in {} frames",
+        "empty replica catch-up: {} bytes in {} frames, {cpu} ms CPU (both sides)",
         fresh.bytes, fresh.frames
     );
     assert_eq!(
