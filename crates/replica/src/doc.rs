@@ -466,6 +466,18 @@ impl FlagSetDoc {
         });
     }
 
+    /// The flags that changes made after `since` touched, so a caller can recompile only those.
+    /// `None` when one of them was a set-wide change (evaluators, set metadata, a whole-set
+    /// upload's set part) or carries no readable record: then everything may have changed.
+    pub fn touched_flags(&self, since: &[ChangeHash]) -> Option<BTreeSet<String>> {
+        let mut keys = BTreeSet::new();
+        for m in self.doc.get_changes_meta(since) {
+            let record = ChangeRecord::parse(m.message.as_deref()?)?;
+            keys.insert(record.flag?);
+        }
+        Some(keys)
+    }
+
     /// The audit log: newest first (by wall time, then change hash), optionally for one flag.
     pub fn history(&self, query: &HistoryQuery) -> Vec<AuditEntry> {
         let limit = if query.limit == 0 { 100 } else { query.limit };
@@ -2044,6 +2056,33 @@ mod tests {
             4,
         );
         assert_eq!(doc.to_flagd().metadata["env"], json!("prod"));
+    }
+
+    #[test]
+    fn touched_flags_name_what_changed_since_given_heads() {
+        let mut doc = FlagSetDoc::new(identity("a"));
+        put(&mut doc, "a", bool_flag("on"), 1);
+        let base = doc.heads();
+        put(&mut doc, "b", bool_flag("on"), 2);
+        write(
+            &mut doc,
+            WriteCommand::DeleteFlag { key: "a".into() },
+            "t",
+            3,
+        );
+        let touched = doc.touched_flags(&base).unwrap();
+        assert_eq!(touched.into_iter().collect::<Vec<_>>(), ["a", "b"]);
+        let before_set_write = doc.heads();
+        write(
+            &mut doc,
+            WriteCommand::SetSetMetadata {
+                name: "env".into(),
+                value: Some(json!("prod")),
+            },
+            "t",
+            4,
+        );
+        assert_eq!(doc.touched_flags(&before_set_write), None);
     }
 
     #[test]
