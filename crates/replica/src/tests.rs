@@ -547,8 +547,6 @@ fn a_bloom_filter_with_hostile_parameters_is_refused_without_a_panic() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
-
     #[test]
     fn random_frames_never_panic_or_change_the_document(
         frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 1..20),
@@ -674,8 +672,6 @@ fn command(flag: usize, op: u8) -> WriteCommand {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
-
     #[test]
     fn replicas_converge_after_any_interleaving_and_message_faults(
         n in 2..=5usize,
