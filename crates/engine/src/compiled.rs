@@ -79,9 +79,9 @@ struct CompiledFlag {
 pub struct CompiledFlagSet {
     /// Sorted by key, so bulk evaluation answers in key order.
     flags: Vec<CompiledFlag>,
-    /// Key → index into `flags`; a fixed-seed fast hasher (keys come from admins, and the map is
-    /// rebuilt on every change, so flooding it gains an attacker nothing lasting).
-    by_key: HashMap<Box<str>, usize, FixedState>,
+    /// Key → index into `flags`, found by the key's 64-bit hash and confirmed by comparing keys
+    /// (a fixed-seed fast hasher: keys come from admins, and the index is rebuilt on every change).
+    by_key: KeyIndex,
     broken: Vec<BrokenFlag>,
     /// Served with FLAG_NOT_FOUND.
     set_metadata: Arc<Map<String, Value>>,
@@ -89,6 +89,64 @@ pub struct CompiledFlagSet {
 }
 
 const SMALL_VARIANT_COUNT: usize = 16;
+
+/// Flag key → position, keyed by the key's hash so a lookup hashes once and compares one key
+/// without a `memcmp` call. Keys whose hashes collide (vanishingly rare) go to `collided`.
+#[derive(Debug)]
+struct KeyIndex {
+    by_hash: HashMap<u64, usize, FixedState>,
+    collided: HashMap<Box<str>, usize, FixedState>,
+    /// The key hash; a parameter so tests can force collisions.
+    hash: fn(&str) -> u64,
+}
+
+impl KeyIndex {
+    /// Marks a hash shared by several keys in `by_hash`.
+    const SHARED: usize = usize::MAX;
+
+    fn new<'k>(keys: impl Iterator<Item = &'k str>) -> KeyIndex {
+        Self::with_hash(keys, Self::hash)
+    }
+
+    fn with_hash<'k>(keys: impl Iterator<Item = &'k str>, hash: fn(&str) -> u64) -> KeyIndex {
+        let mut index = KeyIndex {
+            by_hash: HashMap::with_hasher(FixedState::default()),
+            collided: HashMap::with_hasher(FixedState::default()),
+            hash,
+        };
+        let keys: Vec<&str> = keys.collect();
+        for (i, key) in keys.iter().enumerate() {
+            let h = hash(key);
+            match index.by_hash.get(&h).copied() {
+                None => {
+                    index.by_hash.insert(h, i);
+                }
+                Some(Self::SHARED) => {
+                    index.collided.insert(Box::from(*key), i);
+                }
+                Some(j) => {
+                    index.by_hash.insert(h, Self::SHARED);
+                    index.collided.insert(Box::from(keys[j]), j);
+                    index.collided.insert(Box::from(*key), i);
+                }
+            }
+        }
+        index
+    }
+
+    fn hash(key: &str) -> u64 {
+        use std::hash::BuildHasher;
+        FixedState::default().hash_one(key)
+    }
+
+    /// The position of `key`; `key_at` gives the key stored at a position, to confirm a match.
+    fn get<'s>(&self, key: &str, key_at: impl Fn(usize) -> &'s str) -> Option<usize> {
+        match self.by_hash.get(&(self.hash)(key)).copied()? {
+            Self::SHARED => self.collided.get(key).copied(),
+            i => crate::val::str_eq(key_at(i), key).then_some(i),
+        }
+    }
+}
 
 impl CompiledFlagSet {
     /// Compiles every flag. Never fails: a flag that does not validate, or whose rule does not
@@ -133,11 +191,7 @@ impl CompiledFlagSet {
         }
         flags.sort_by(|a, b| a.key.cmp(&b.key));
         broken.sort_by(|a, b| a.key.cmp(&b.key));
-        let by_key = flags
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (Box::from(&*f.key), i))
-            .collect();
+        let by_key = KeyIndex::new(flags.iter().map(|f| &*f.key));
         CompiledFlagSet {
             flags,
             by_key,
@@ -167,7 +221,7 @@ impl CompiledFlagSet {
     }
 
     pub fn contains(&self, flag_key: &str) -> bool {
-        self.by_key.contains_key(flag_key)
+        self.by_key.get(flag_key, |i| &self.flags[i].key).is_some()
     }
 
     /// The flag set's own metadata.
@@ -188,8 +242,8 @@ impl CompiledFlagSet {
     /// at compile time (every success, disabled and invalid flag): the hot path of a server,
     /// which serialises the resolution and drops it, touches no reference count.
     pub fn evaluate_ref(&self, flag_key: &str, ctx: &EvaluationContext) -> Cow<'_, Resolution> {
-        match self.by_key.get(flag_key) {
-            Some(&i) => self.flags[i].evaluate(ctx),
+        match self.by_key.get(flag_key, |i| &self.flags[i].key) {
+            Some(i) => self.flags[i].evaluate(ctx),
             None => Cow::Owned(Resolution::error(
                 ErrorCode::FlagNotFound,
                 format!("flag {flag_key:?} is not in this flag set"),
@@ -418,4 +472,26 @@ fn broken_resolution(problems: &[Problem], metadata: &Arc<Map<String, Value>>) -
         .collect::<Vec<_>>()
         .join("; ");
     Resolution::error(code, format!("invalid flag: {details}"), metadata.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_index_finds_every_key_even_when_hashes_collide() {
+        let keys: Vec<String> = (0..50).map(|i| format!("flag-{i}")).collect();
+        let normal = KeyIndex::new(keys.iter().map(String::as_str));
+        // Every key hashes alike, or every other key does: the collision path must still work.
+        let all_same = KeyIndex::with_hash(keys.iter().map(String::as_str), |_| 7);
+        let some_same =
+            KeyIndex::with_hash(keys.iter().map(String::as_str), |k| (k.len() % 2) as u64);
+        for index in [normal, all_same, some_same] {
+            for (i, k) in keys.iter().enumerate() {
+                assert_eq!(index.get(k, |j| &keys[j]), Some(i), "{k}");
+            }
+            assert_eq!(index.get("flag-50", |j| &keys[j]), None);
+            assert_eq!(index.get("", |j| &keys[j]), None);
+        }
+    }
 }

@@ -617,12 +617,16 @@ impl<'a> Eval<'_, 'a> {
         // JavaScript's coercions change nothing.
         if let Some(found) = self.attribute_json(&c.path, scope) {
             match (found, &c.lit) {
-                (Some(Value::String(a)), Value::String(b)) => {
-                    let (a, b) = if c.var_first { (a, b) } else { (b, a) };
-                    if let Some(r) = compare_same(c.op, a.as_str().cmp(b.as_str())) {
-                        return r;
+                (Some(Value::String(a)), Value::String(b)) => match c.op {
+                    Op::Eq | Op::StrictEq => return str_eq(a, b),
+                    Op::Ne | Op::StrictNe => return !str_eq(a, b),
+                    _ => {
+                        let (a, b) = if c.var_first { (a, b) } else { (b, a) };
+                        if let Some(r) = compare_same(c.op, a.as_str().cmp(b.as_str())) {
+                            return r;
+                        }
                     }
-                }
+                },
                 (Some(Value::Number(a)), Value::Number(b)) => {
                     if let (Some(a), Some(b)) = (a.as_f64(), b.as_f64()) {
                         let (a, b) = if c.var_first { (a, b) } else { (b, a) };
