@@ -313,8 +313,23 @@ impl FlagSetDoc {
     /// a faulty peer could write one) is left out, and the flag is then reported by
     /// [`Self::broken_flags`].
     pub fn to_flagd(&self) -> FlagSet {
-        let value = self.render(None);
-        FlagSet::from_value_unvalidated(&value).unwrap_or_default()
+        let mut value = self.render(None);
+        match FlagSet::from_value_unvalidated(&value) {
+            Ok(set) => set,
+            Err(problems) => {
+                // Only a faulty peer can store a wrongly typed field: leave those flags out rather
+                // than the whole set (broken_flags reports them).
+                let unreadable: HashSet<String> = problems
+                    .0
+                    .iter()
+                    .filter_map(|p| flag_key_of_pointer(&p.pointer))
+                    .collect();
+                if let Some(Value::Object(flags)) = value.get_mut("flags") {
+                    flags.retain(|k, _| !unreadable.contains(k));
+                }
+                FlagSet::from_value_unvalidated(&value).unwrap_or_default()
+            }
+        }
     }
 
     /// The flag set compiled for evaluation. A flag that no longer validates after a merge compiles
@@ -2083,6 +2098,22 @@ mod tests {
             4,
         );
         assert_eq!(doc.touched_flags(&before_set_write), None);
+    }
+
+    #[test]
+    fn a_field_a_faulty_peer_mistyped_hides_only_its_flag() {
+        let mut doc = FlagSetDoc::new(identity("a"));
+        put(&mut doc, "good", bool_flag("on"), 1);
+        put(&mut doc, "bad", bool_flag("on"), 2);
+        let obj = doc.flag_obj("bad", None).unwrap();
+        let mut tx = doc.doc.transaction();
+        tx.put(&obj, "state", "\"SOMETIMES\"").unwrap();
+        tx.commit();
+        let set = doc.to_flagd();
+        assert_eq!(set.flags.keys().collect::<Vec<_>>(), ["good"]);
+        let broken = doc.broken_flags();
+        assert_eq!(broken.len(), 1);
+        assert_eq!(broken[0].key, "bad");
     }
 
     #[test]
