@@ -255,10 +255,14 @@ impl Gossip {
             shutdown,
         });
         tokio::spawn(accept_loop(shared.clone()));
-        for (peer, addr) in shared.config.peers.clone() {
-            if peer != shared.config.node {
-                tokio::spawn(dial_loop(shared.clone(), peer, addr));
-            }
+        // One dialer per peer, even if the list names a peer twice (the last address given wins).
+        let dialers: Vec<(PeerId, SocketAddr)> = shared
+            .lock_peers()
+            .iter()
+            .filter_map(|(peer, slot)| Some((peer.clone(), slot.stats.addr?)))
+            .collect();
+        for (peer, addr) in dialers {
+            tokio::spawn(dial_loop(shared.clone(), peer, addr));
         }
         Ok((Gossip { shared }, receiver))
     }
