@@ -913,3 +913,47 @@ async fn a_reconnect_with_stored_sync_state_costs_no_more_than_one_without() {
     );
     assert!(costs[0] <= costs[1], "{costs:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_peer_that_comes_back_replaces_its_stale_connection() {
+    use crate::relay::Relay;
+    let pki = Pki::new();
+    let (sa, sb) = (bind(), bind());
+    let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let to_b = Relay::start(any, ab).await.unwrap();
+    let to_a = Relay::start(any, aa).await.unwrap();
+    // `a` would not notice a silent peer for ten minutes: only the new connection's hello (another
+    // process instance) can tell it the old connection is dead.
+    let mut a_config = quick(GossipConfig::new(
+        PeerId("a".into()),
+        peers(&[("b", to_b.local_addr())]),
+    ));
+    a_config.idle_timeout = Duration::from_secs(600);
+    let b_config = || {
+        quick(GossipConfig::new(
+            PeerId("b".into()),
+            peers(&[("a", to_a.local_addr())]),
+        ))
+    };
+    let a = TestNode::start_with(a_config, &pki.node("a"), sa, Disk::default(), 1_000);
+    let b = TestNode::start_with(b_config(), &pki.node("b"), sb, Disk::default(), 1_000);
+    a.write(put("before")).await;
+    converge(&[&a, &b]).await;
+    let connections = a.peer_stats("b").connections;
+
+    // b dies without a word reaching a.
+    to_b.pause();
+    to_a.pause();
+    let disk = b.stop().await;
+    a.write(put("while-down")).await;
+    assert!(a.peer_stats("b").connected, "a saw the crash");
+
+    let socket = rebind(ab).await;
+    to_b.resume();
+    to_a.resume();
+    let b = TestNode::start_with(b_config(), &pki.node("b"), socket, disk, 1_000);
+    converge(&[&a, &b]).await;
+    assert!(b.flag("while-down").await.is_some());
+    assert!(a.peer_stats("b").connections > connections);
+}
