@@ -54,6 +54,9 @@ pub struct ServeArgs {
     /// Store backend (overrides the file).
     #[arg(long, env = "BUNTING_STORE", value_enum)]
     pub store: Option<StoreBackend>,
+    /// Base URL of an OTLP/HTTP collector for traces and metrics (overrides the file).
+    #[arg(long, env = "BUNTING_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// A bootstrap admin token; prefer the environment variable to keep it out of `ps`.
     #[arg(long, env = "BUNTING_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,

@@ -66,6 +66,11 @@ pub struct TelemetryConfig {
     pub log_filter: Option<String>,
     /// Logs as JSON lines instead of human-readable text.
     pub log_json: bool,
+    /// Base URL of an OTLP/HTTP collector (e.g. `http://127.0.0.1:4318`); traces go to
+    /// `/v1/traces`, metrics to `/v1/metrics`. Nothing is exported when absent.
+    pub otlp_endpoint: Option<String>,
+    /// How often metrics are exported over OTLP, in milliseconds.
+    pub otlp_metrics_interval_ms: Option<u64>,
 }
 
 impl Default for NodeConfig {

@@ -43,6 +43,8 @@ pub struct AppState {
     pub limits: LimitsConfig,
     pub started: Instant,
     pub metrics: Metrics,
+    /// Whether each evaluation makes a span (only when traces are exported over OTLP).
+    pub trace_evaluations: bool,
     /// Turns true when the server begins a graceful shutdown; event streams end then.
     pub stopping: watch::Receiver<bool>,
 }

@@ -20,6 +20,7 @@ mod error;
 pub mod http;
 pub mod ofrep;
 pub mod snapshot;
+pub mod telemetry;
 
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
@@ -86,6 +87,7 @@ pub async fn serve(
         limits: config.limits.clone(),
         started: Instant::now(),
         metrics: http::Metrics::default(),
+        trace_evaluations: config.telemetry.otlp_endpoint.is_some(),
         stopping: stop_rx,
     });
     tracing::info!(
@@ -112,6 +114,22 @@ pub async fn serve(
             }
         })
     };
+    let meters = match &config.telemetry.otlp_endpoint {
+        Some(base) => Some(telemetry::evaluation_metrics(
+            base,
+            std::time::Duration::from_millis(
+                config
+                    .telemetry
+                    .otlp_metrics_interval_ms
+                    .unwrap_or(10_000)
+                    .max(100),
+            ),
+            state.snapshots.clone(),
+            &config.node_id,
+            &config.region,
+        )?),
+        None => None,
+    };
     let app = http::router(state.clone());
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -131,6 +149,10 @@ pub async fn serve(
     }
     drop(state);
     let _ = task.await;
+    if let Some(meters) = meters {
+        // Flushes the last counts; the exporter blocks, so not on a runtime thread.
+        let _ = tokio::task::spawn_blocking(move || meters.shutdown()).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

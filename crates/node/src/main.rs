@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use bunting_node::cli::{Cli, Command, ServeArgs};
 use bunting_node::{client, serve, NodeConfig, NodeError};
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -58,6 +57,9 @@ fn config_from(args: ServeArgs) -> Result<NodeConfig, NodeError> {
     if let Some(v) = args.store {
         config.store = v;
     }
+    if let Some(v) = args.otlp_endpoint {
+        config.telemetry.otlp_endpoint = Some(v);
+    }
     config.admin_token = args.admin_token;
     config.check().map_err(NodeError::Config)?;
     Ok(config)
@@ -65,18 +67,8 @@ fn config_from(args: ServeArgs) -> Result<NodeConfig, NodeError> {
 
 async fn run_serve(args: ServeArgs) -> Result<(), NodeError> {
     let config = config_from(args)?;
-    let filter = config
-        .telemetry
-        .log_filter
-        .clone()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(EnvFilter::new(filter));
-    if config.telemetry.log_json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    let _logging =
+        bunting_node::telemetry::init(&config.telemetry, &config.node_id, &config.region)?;
     let listener = tokio::net::TcpListener::bind(config.http).await?;
     // The bound address on stdout lets scripts use port 0.
     println!("listening on http://{}", listener.local_addr()?);

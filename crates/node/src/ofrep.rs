@@ -258,6 +258,21 @@ fn write_resolution(out: &mut Vec<u8>, key: &str, r: &Resolution) {
     out.push(b'}');
 }
 
+/// One span per evaluation, with OpenTelemetry's feature-flag attributes.
+fn trace_evaluation(flag_set: &str, key: &str, r: &Resolution) {
+    let _span = tracing::info_span!(
+        target: crate::telemetry::EVALUATION_TARGET,
+        "feature_flag.evaluation",
+        feature_flag.key = key,
+        feature_flag.set.id = flag_set,
+        feature_flag.provider.name = "bunting",
+        feature_flag.result.variant = r.variant.as_deref().unwrap_or(""),
+        feature_flag.result.reason = r.reason.as_str(),
+        error.type = r.error_code.map(|c| c.as_str()).unwrap_or(""),
+    )
+    .entered();
+}
+
 /// `POST /ofrep/v1/evaluate/flags/{key}`.
 pub async fn evaluate_flag(
     State(state): State<Arc<AppState>>,
@@ -271,6 +286,9 @@ pub async fn evaluate_flag(
     };
     let r = prepared.snapshot.compiled.evaluate(&key, &prepared.context);
     prepared.snapshot.count(&key, &r);
+    if state.trace_evaluations {
+        trace_evaluation(&prepared.snapshot.name, &key, &r);
+    }
     let status = match r.error_code {
         None => StatusCode::OK,
         Some(ErrorCode::FlagNotFound) => StatusCode::NOT_FOUND,
@@ -320,6 +338,9 @@ pub async fn evaluate_all(
             out.push(b',');
         }
         snapshot.count(key, r);
+        if state.trace_evaluations {
+            trace_evaluation(&snapshot.name, key, r);
+        }
         write_resolution(&mut out, key, r);
     }
     out.extend_from_slice(b"],\"metadata\":");

@@ -69,34 +69,52 @@ pub struct ChangeNotice {
 /// counter never goes backwards while the process lives.
 #[derive(Default)]
 pub struct EvaluationCounters {
-    counters: Mutex<HashMap<(String, String, String), Arc<AtomicU64>>>,
+    /// (flag set, flag, variant, reason): the variant when one was served, else the reason.
+    counters: Mutex<HashMap<CounterKey, Arc<AtomicU64>>>,
     not_found: Mutex<HashMap<String, Arc<AtomicU64>>>,
 }
+
+type CounterKey = (String, String, String, &'static str);
 
 const NO_VARIANT_REASONS: [&str; 3] = ["DISABLED", "ERROR", "DEFAULT"];
 
 impl EvaluationCounters {
-    fn counter(&self, set: &str, flag: &str, variant: &str) -> Arc<AtomicU64> {
+    fn counter(
+        &self,
+        set: &str,
+        flag: &str,
+        variant: &str,
+        reason: &'static str,
+    ) -> Arc<AtomicU64> {
         let mut map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry((set.to_owned(), flag.to_owned(), variant.to_owned()))
+        map.entry((set.to_owned(), flag.to_owned(), variant.to_owned(), reason))
             .or_default()
             .clone()
+    }
+
+    /// Calls `f(flag set, flag, variant, reason, count)` for every counter (for OTLP export).
+    pub fn for_each(&self, mut f: impl FnMut(&str, &str, &str, &str, u64)) {
+        let map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        for ((set, flag, variant, reason), n) in map.iter() {
+            f(set, flag, variant, reason, n.load(Ordering::Relaxed));
+        }
     }
 
     /// Renders the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
-        out.push_str("# HELP bunting_evaluations Flag evaluations by flag set, flag and variant (or reason when no variant was served).\n# TYPE bunting_evaluations counter\n");
+        out.push_str("# HELP bunting_evaluations Flag evaluations by flag set, flag and variant (or, when no variant was served, reason).\n# TYPE bunting_evaluations counter\n");
         let map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         let mut rows: Vec<_> = map.iter().collect();
         rows.sort_by(|a, b| a.0.cmp(b.0));
-        for ((set, flag, variant), n) in rows {
+        for ((set, flag, variant, reason), n) in rows {
             let _ = writeln!(
                 out,
-                "bunting_evaluations_total{{flag_set=\"{}\",feature_flag_key=\"{}\",feature_flag_result_variant=\"{}\"}} {}",
+                "bunting_evaluations_total{{flag_set=\"{}\",feature_flag_key=\"{}\",feature_flag_result_variant=\"{}\",feature_flag_result_reason=\"{}\"}} {}",
                 escape(set),
                 escape(flag),
                 escape(variant),
+                reason,
                 n.load(Ordering::Relaxed)
             );
         }
@@ -177,11 +195,16 @@ impl Snapshots {
                     by_variant: flag
                         .variants
                         .keys()
-                        .map(|v| (Box::from(v.as_str()), self.counters.counter(&name, key, v)))
+                        .map(|v| {
+                            (
+                                Box::from(v.as_str()),
+                                self.counters.counter(&name, key, v, ""),
+                            )
+                        })
                         .collect(),
                     by_reason: NO_VARIANT_REASONS
                         .iter()
-                        .map(|r| (*r, self.counters.counter(&name, key, r)))
+                        .map(|r| (*r, self.counters.counter(&name, key, "", r)))
                         .collect(),
                 },
             );
@@ -276,7 +299,7 @@ mod tests {
         s.count("zzz", &s.compiled.evaluate("zzz", &ctx));
         let mut text = String::new();
         snapshots.counters().render(&mut text);
-        assert!(text.contains("bunting_evaluations_total{flag_set=\"prod\",feature_flag_key=\"a\",feature_flag_result_variant=\"on\"} 2"), "{text}");
+        assert!(text.contains("bunting_evaluations_total{flag_set=\"prod\",feature_flag_key=\"a\",feature_flag_result_variant=\"on\",feature_flag_result_reason=\"\"} 2"), "{text}");
         assert!(
             text.contains("bunting_evaluations_flag_not_found_total{flag_set=\"prod\"} 1"),
             "{text}"

@@ -95,6 +95,31 @@ async fn single_flag_evaluation_answers_every_type_with_the_spec_shapes() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/json");
+
+    // Operations: health, and Prometheus metrics by route/status and by flag/variant.
+    let r = node
+        .http
+        .get(format!("{}/healthz", node.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let metrics = node
+        .http
+        .get(format!("{}/metrics", node.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(r#"bunting_http_requests_total{route="/ofrep/v1/evaluate/flags/{key}",method="POST",status="404"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"feature_flag_key="button-color",feature_flag_result_variant="green",feature_flag_result_reason=""} 2"#), "{metrics}");
+    assert!(metrics.contains(r#"feature_flag_key="old-checkout",feature_flag_result_variant="",feature_flag_result_reason="DISABLED"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains("bunting_http_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
     node.stop().await.unwrap();
 }
 
