@@ -1,6 +1,7 @@
-//! Evaluation benchmarks, with baselines measured in the same run:
-//! the same JsonLogic rules through datalogic-rs (with its flagd operators), and equivalent
-//! Unleash strategies (a constraint set, a gradual rollout) through unleash-yggdrasil.
+//! Evaluation benchmarks, with baselines measured in the same run: the same JsonLogic rules
+//! through datalogic-rs (with its flagd operators), and equivalent Unleash strategies (a
+//! constraint set, a gradual rollout, a semver constraint) through unleash-yggdrasil.
+//! One criterion group per scenario, so the engines being compared run back to back.
 //!
 //! `cargo bench -p bunting-engine`
 
@@ -70,138 +71,48 @@ fn context_json() -> Value {
            "appVersion": "4.10.2", "email": "ann@example.com"})
 }
 
-fn bunting(c: &mut Criterion) {
-    let set = flag_set();
-    let ctx = EvaluationContext::from_value(&context_json(), 1_700_000_000).unwrap_or_default();
-    // The benchmarks must measure real matches, not errors or defaults.
-    for (key, variant) in [("static", "on"), ("targeting", "on"), ("semver", "on")] {
-        assert_eq!(
-            set.evaluate(key, &ctx).variant.as_deref(),
-            Some(variant),
-            "{key}"
-        );
-    }
-    assert!(set.evaluate("fractional", &ctx).variant.is_some());
-    let mut g = c.benchmark_group("bunting");
-    // evaluate_ref is the serving path: the resolution is borrowed from the compiled set.
-    g.bench_function("static", |b| {
-        b.iter(|| {
-            set.evaluate_ref(black_box("static"), black_box(&ctx))
-                .reason
-        })
-    });
-    g.bench_function("targeting_3_conditions", |b| {
-        b.iter(|| {
-            set.evaluate_ref(black_box("targeting"), black_box(&ctx))
-                .reason
-        })
-    });
-    g.bench_function("fractional", |b| {
-        b.iter(|| {
-            set.evaluate_ref(black_box("fractional"), black_box(&ctx))
-                .reason
-        })
-    });
-    g.bench_function("sem_ver", |b| {
-        b.iter(|| {
-            set.evaluate_ref(black_box("semver"), black_box(&ctx))
-                .reason
-        })
-    });
-    let bulk: Vec<String> = set
-        .keys()
-        .filter(|k| k.starts_with("bulk-"))
-        .map(str::to_owned)
-        .collect();
-    assert_eq!(bulk.len(), 100);
-    g.bench_function("bulk_100_flags", |b| {
-        b.iter(|| {
-            bulk.iter()
-                .filter(|k| {
-                    set.evaluate_ref(black_box(k), black_box(&ctx))
-                        .variant
-                        .is_some()
-                })
-                .count()
-        })
-    });
-    g.bench_function("evaluate_all_ref_104_flags", |b| {
-        b.iter(|| set.evaluate_all_ref(black_box(&ctx)).len())
-    });
-    // The owned API: the same plus three reference-count increments and decrements.
-    g.bench_function("static_owned", |b| {
-        b.iter(|| set.evaluate(black_box("static"), black_box(&ctx)))
-    });
-    g.bench_function("targeting_3_conditions_owned", |b| {
-        b.iter(|| set.evaluate(black_box("targeting"), black_box(&ctx)))
-    });
-    g.bench_function("evaluate_all_104_flags_owned", |b| {
-        b.iter(|| set.evaluate_all(black_box(&ctx)))
-    });
-    g.finish();
+struct Datalogic {
+    engine: datalogic_rs::Engine,
+    data: datalogic_rs::ParsedData,
+    rules: Vec<datalogic_rs::Logic>,
 }
 
-fn datalogic(c: &mut Criterion) {
-    use datalogic_rs::{Engine, ParsedData};
-    let engine = Engine::new();
+fn datalogic_setup() -> Datalogic {
+    let engine = datalogic_rs::Engine::new();
     let mut data = context_json();
     // flagd's enrichment, given to datalogic as data.
     data["$flagd"] = json!({"flagKey": "fractional", "timestamp": 1_700_000_000});
-    let parsed = ParsedData::from_json(&data.to_string()).unwrap();
-    let compiled: Vec<_> = [TARGETING, FRACTIONAL, SEMVER]
+    let data = datalogic_rs::ParsedData::from_json(&data.to_string()).unwrap();
+    let rules: Vec<_> = [TARGETING, FRACTIONAL, SEMVER]
         .iter()
         .map(|r| engine.compile(*r).unwrap())
         .collect();
-    let mut session = engine.session();
-    for (rule, want) in compiled.iter().zip([Some("on"), None, Some("on")]) {
-        let out = session
-            .eval_borrowed(rule, &parsed)
-            .map(|v| v.as_str().map(str::to_owned));
-        let out = out.ok().flatten();
-        assert!(out.is_some(), "datalogic answered null");
-        if let Some(w) = want {
-            assert_eq!(out.as_deref(), Some(w));
-        }
-        session.reset();
-    }
-    let mut g = c.benchmark_group("datalogic");
-    for (name, rule) in ["targeting_3_conditions", "fractional", "sem_ver"]
-        .iter()
-        .zip(&compiled)
     {
-        g.bench_function(*name, |b| {
-            b.iter(|| {
-                let r = session
-                    .eval_borrowed(black_box(rule), black_box(&parsed))
-                    .is_ok();
-                session.reset();
-                r
-            })
-        });
-    }
-    // The same 100-rule mix as Bunting's bulk benchmark (static flags cost datalogic nothing).
-    let bulk: Vec<_> = (0..100)
-        .filter(|i| i % 4 != 0)
-        .map(|i| &compiled[(i % 4) - 1])
-        .collect();
-    g.bench_function("bulk_100_flags", |b| {
-        b.iter(|| {
-            let mut n = 0;
-            for rule in &bulk {
-                n += usize::from(
-                    session
-                        .eval_borrowed(black_box(rule), black_box(&parsed))
-                        .is_ok(),
-                );
-                session.reset();
+        let mut session = engine.session();
+        for (rule, want) in rules.iter().zip([Some("on"), None, Some("on")]) {
+            let out = session
+                .eval_borrowed(rule, &data)
+                .map(|v| v.as_str().map(str::to_owned));
+            let out = out.ok().flatten();
+            assert!(out.is_some(), "datalogic answered null");
+            if let Some(w) = want {
+                assert_eq!(out.as_deref(), Some(w));
             }
-            n
-        })
-    });
-    g.finish();
+            session.reset();
+        }
+    }
+    Datalogic {
+        engine,
+        data,
+        rules,
+    }
 }
 
-fn yggdrasil(c: &mut Criterion) {
+fn yggdrasil_setup() -> (
+    unleash_yggdrasil::EngineState,
+    unleash_yggdrasil::Context,
+    Vec<String>,
+) {
     use unleash_yggdrasil::{ClientFeatures, Context, EngineState, UpdateMessage};
     let constraint = json!({"name": "default", "parameters": {}, "constraints": [
         {"contextName": "plan", "operator": "IN", "values": ["enterprise"]},
@@ -240,21 +151,115 @@ fn yggdrasil(c: &mut Criterion) {
     .unwrap();
     assert!(engine.is_enabled("constraints", &ctx, &None));
     assert!(engine.is_enabled("semver", &ctx, &None));
-    let mut g = c.benchmark_group("yggdrasil");
-    g.bench_function("constraint_set_3", |b| {
-        b.iter(|| engine.is_enabled(black_box("constraints"), black_box(&ctx), &None))
-    });
-    g.bench_function("gradual_rollout", |b| {
-        b.iter(|| engine.is_enabled(black_box("rollout"), black_box(&ctx), &None))
-    });
-    g.bench_function("semver_constraint", |b| {
-        b.iter(|| engine.is_enabled(black_box("semver"), black_box(&ctx), &None))
-    });
-    g.bench_function("bulk_100_flags", |b| {
+    (engine, ctx, bulk_names)
+}
+
+fn scenarios(c: &mut Criterion) {
+    let set = flag_set();
+    let ctx = EvaluationContext::from_value(&context_json(), 1_700_000_000).unwrap_or_default();
+    // The benchmarks must measure real matches, not errors or defaults.
+    for (key, variant) in [("static", "on"), ("targeting", "on"), ("semver", "on")] {
+        assert_eq!(
+            set.evaluate(key, &ctx).variant.as_deref(),
+            Some(variant),
+            "{key}"
+        );
+    }
+    assert!(set.evaluate("fractional", &ctx).variant.is_some());
+    let bulk: Vec<String> = set
+        .keys()
+        .filter(|k| k.starts_with("bulk-"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(bulk.len(), 100);
+    let dl = datalogic_setup();
+    let mut session = dl.engine.session();
+    let (ygg, ygg_ctx, ygg_bulk) = yggdrasil_setup();
+
+    // Bunting's rows use evaluate_ref, the serving path (the resolution is borrowed from the
+    // compiled set); `_owned` rows use evaluate (three reference counts more).
+    let mut g = c.benchmark_group("static");
+    g.bench_function("bunting", |b| {
         b.iter(|| {
-            bulk_names
+            set.evaluate_ref(black_box("static"), black_box(&ctx))
+                .reason
+        })
+    });
+    g.bench_function("bunting_owned", |b| {
+        b.iter(|| set.evaluate(black_box("static"), black_box(&ctx)))
+    });
+    g.finish();
+
+    let single = [
+        ("targeting_3_conditions", "targeting", 0, "constraints"),
+        ("fractional", "fractional", 1, "rollout"),
+        ("sem_ver", "semver", 2, "semver"),
+    ];
+    for (group, key, dl_rule, ygg_flag) in single {
+        let mut g = c.benchmark_group(group);
+        g.bench_function("bunting", |b| {
+            b.iter(|| set.evaluate_ref(black_box(key), black_box(&ctx)).reason)
+        });
+        g.bench_function("bunting_owned", |b| {
+            b.iter(|| set.evaluate(black_box(key), black_box(&ctx)))
+        });
+        g.bench_function("datalogic", |b| {
+            b.iter(|| {
+                let r = session
+                    .eval_borrowed(black_box(&dl.rules[dl_rule]), black_box(&dl.data))
+                    .is_ok();
+                session.reset();
+                r
+            })
+        });
+        g.bench_function("yggdrasil", |b| {
+            b.iter(|| ygg.is_enabled(black_box(ygg_flag), black_box(&ygg_ctx), &None))
+        });
+        g.finish();
+    }
+
+    let mut g = c.benchmark_group("bulk_100_flags");
+    g.bench_function("bunting", |b| {
+        b.iter(|| {
+            bulk.iter()
+                .filter(|k| {
+                    set.evaluate_ref(black_box(k), black_box(&ctx))
+                        .variant
+                        .is_some()
+                })
+                .count()
+        })
+    });
+    g.bench_function("bunting_evaluate_all_ref_104", |b| {
+        b.iter(|| set.evaluate_all_ref(black_box(&ctx)).len())
+    });
+    g.bench_function("bunting_evaluate_all_owned_104", |b| {
+        b.iter(|| set.evaluate_all(black_box(&ctx)))
+    });
+    // The same 100-flag mix; static flags need no rule in datalogic, so 75 rules.
+    let dl_bulk: Vec<_> = (0..100)
+        .filter(|i| i % 4 != 0)
+        .map(|i| &dl.rules[(i % 4) - 1])
+        .collect();
+    g.bench_function("datalogic", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            for rule in &dl_bulk {
+                n += usize::from(
+                    session
+                        .eval_borrowed(black_box(rule), black_box(&dl.data))
+                        .is_ok(),
+                );
+                session.reset();
+            }
+            n
+        })
+    });
+    g.bench_function("yggdrasil", |b| {
+        b.iter(|| {
+            ygg_bulk
                 .iter()
-                .filter(|n| engine.is_enabled(black_box(n), black_box(&ctx), &None))
+                .filter(|n| ygg.is_enabled(black_box(n), black_box(&ygg_ctx), &None))
                 .count()
         })
     });
@@ -266,6 +271,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_secs(1))
         .measurement_time(std::time::Duration::from_secs(3));
-    targets = bunting, datalogic, yggdrasil
+    targets = scenarios
 }
 criterion_main!(benches);

@@ -588,7 +588,12 @@ fn any_json() -> impl Strategy<Value = Value> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, max_global_rejects: 1_000_000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        // CI sets PROPTEST_CASES (scripts/test); 512 otherwise.
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512),
+        max_global_rejects: 1_000_000,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn compiled_rules_agree_with_direct_interpretation(rule in rule(), data in context()) {

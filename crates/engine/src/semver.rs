@@ -172,7 +172,8 @@ impl Ord for Version<'_> {
 
 /// Digit strings without leading zeros compare by length, then lexically.
 fn cmp_num(a: &str, b: &str) -> Ordering {
-    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+    // Byte by byte: version numbers are a few digits, shorter than a `memcmp` call is worth.
+    a.len().cmp(&b.len()).then_with(|| a.bytes().cmp(b.bytes()))
 }
 
 fn cmp_pre(a: &str, b: &str) -> Ordering {
