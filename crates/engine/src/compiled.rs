@@ -167,7 +167,7 @@ impl CompiledFlagSet {
                 match compile_flag(key, flag, set, options, &metadata) {
                     Ok(body) => body,
                     Err(problem) => {
-                        let r = broken_resolution(std::slice::from_ref(&problem), &metadata);
+                        let r = broken_resolution(flag, std::slice::from_ref(&problem), &metadata);
                         broken.push(BrokenFlag {
                             key: key.clone(),
                             problems: vec![problem],
@@ -176,7 +176,7 @@ impl CompiledFlagSet {
                     }
                 }
             } else {
-                let r = broken_resolution(&problems, &metadata);
+                let r = broken_resolution(flag, &problems, &metadata);
                 broken.push(BrokenFlag {
                     key: key.clone(),
                     problems,
@@ -377,6 +377,18 @@ impl CompiledFlag {
     }
 }
 
+/// flagd's answer for a disabled flag: success with reason DISABLED, no value, no variant.
+fn disabled_resolution(metadata: &Arc<Map<String, Value>>) -> Resolution {
+    Resolution {
+        value: None,
+        variant: None,
+        reason: Reason::Disabled,
+        error_code: None,
+        error_details: None,
+        metadata: metadata.clone(),
+    }
+}
+
 fn compile_flag(
     key: &str,
     flag: &Flag,
@@ -385,14 +397,7 @@ fn compile_flag(
     metadata: &Arc<Map<String, Value>>,
 ) -> Result<Body, Problem> {
     if flag.state == FlagState::Disabled {
-        return Ok(Body::Fixed(Resolution {
-            value: None,
-            variant: None,
-            reason: Reason::Disabled,
-            error_code: None,
-            error_details: None,
-            metadata: metadata.clone(),
-        }));
+        return Ok(Body::Fixed(disabled_resolution(metadata)));
     }
     let variants: Vec<CompiledVariant> = flag
         .variants
@@ -457,7 +462,16 @@ fn compile_flag(
 }
 
 /// The resolution of an invalid flag: PARSE_ERROR when its targeting is at fault, else GENERAL.
-fn broken_resolution(problems: &[Problem], metadata: &Arc<Map<String, Value>>) -> Resolution {
+/// A disabled flag stays DISABLED however broken it is: a kill switch must hold even when a
+/// concurrent edit elsewhere broke the flag (it is still listed as broken).
+fn broken_resolution(
+    flag: &Flag,
+    problems: &[Problem],
+    metadata: &Arc<Map<String, Value>>,
+) -> Resolution {
+    if flag.state == FlagState::Disabled {
+        return disabled_resolution(metadata);
+    }
     let code = if problems
         .iter()
         .all(|p| p.pointer.contains("/targeting") || p.pointer.contains("/$evaluators"))

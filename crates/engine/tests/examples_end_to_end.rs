@@ -296,6 +296,7 @@ fn merged_invalid_flags_become_deterministic_errors_and_are_listed() {
         vec![
             "cyclic-ref",
             "default-removed-concurrently",
+            "killed-while-broken",
             "mixed-types",
             "typo-in-operator"
         ]
@@ -317,6 +318,9 @@ fn merged_invalid_flags_become_deterministic_errors_and_are_listed() {
         f.evaluate("cyclic-ref", &c).error_code,
         Some(ErrorCode::ParseError)
     );
+    // A kill switch holds even on a flag a concurrent edit broke.
+    let killed = f.evaluate("killed-while-broken", &c);
+    assert_eq!((killed.reason, killed.error_code), (Reason::Disabled, None));
     let r = f.evaluate("targets-unknown-variant", &c);
     assert_eq!(
         (r.reason, r.error_code),
