@@ -1,0 +1,323 @@
+//! `bunting-sim`: run one seed or sweep many, print what each seed derived, and exit with a code
+//! that tells a crash (10), a safety violation (11) and a liveness violation (12) apart.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use bunting_sim::{
+    run_seed, timeline_svg, Error, FaultRates, Options, Outcome, PlantedBug, Report, Scenario,
+    Simulation, SweepSummary,
+};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Deterministic simulation of a Bunting cluster under partitions, crashes and message loss.
+#[derive(Debug, Parser)]
+#[command(name = "bunting-sim", version)]
+struct Cli {
+    /// Run this one seed.
+    #[arg(long, env = "BUNTING_SIM_SEED", conflicts_with = "seeds")]
+    seed: Option<u64>,
+    /// Sweep the seeds A..B (B excluded), e.g. 0..1000.
+    #[arg(long, env = "BUNTING_SIM_SEEDS")]
+    seeds: Option<String>,
+    #[arg(long, env = "BUNTING_SIM_REGIONS", default_value_t = 3)]
+    regions: usize,
+    #[arg(long, env = "BUNTING_SIM_NODES_PER_REGION", default_value_t = 3)]
+    nodes_per_region: usize,
+    /// Simulated length of the safety phase, e.g. 1h, 10m, 90s.
+    #[arg(long, env = "BUNTING_SIM_DURATION", default_value = "1h")]
+    duration: humantime::Duration,
+    /// How long the cluster may take to converge after the final heal (simulated).
+    #[arg(long, env = "BUNTING_SIM_LIVENESS_BOUND", default_value = "2m")]
+    liveness_bound: humantime::Duration,
+    /// Named fault schedule; with --seeds, `all` cycles through every scenario seed by seed.
+    #[arg(long, env = "BUNTING_SIM_SCENARIO", default_value = "random")]
+    scenario: String,
+    /// Probability that a frame is lost (default: the seed chooses).
+    #[arg(long, env = "BUNTING_SIM_LOSS")]
+    loss: Option<f64>,
+    /// Probability that a frame is delivered twice.
+    #[arg(long, env = "BUNTING_SIM_DUPLICATION")]
+    duplication: Option<f64>,
+    /// Probability that a frame is held back and overtaken.
+    #[arg(long, env = "BUNTING_SIM_REORDER")]
+    reorder: Option<f64>,
+    /// Partitions per simulated hour.
+    #[arg(long, env = "BUNTING_SIM_PARTITIONS_PER_HOUR")]
+    partitions_per_hour: Option<f64>,
+    /// Node crashes per simulated hour.
+    #[arg(long, env = "BUNTING_SIM_CRASHES_PER_HOUR")]
+    crashes_per_hour: Option<f64>,
+    /// Plant a replica bug (tests of the simulator itself).
+    #[arg(long, value_enum)]
+    planted: Vec<PlantedBug>,
+    /// Write the JSON report (one seed) or sweep summary here; `-` for stdout.
+    #[arg(long, env = "BUNTING_SIM_JSON")]
+    json: Option<String>,
+    /// Draw the seed's timeline as an SVG (one seed only).
+    #[arg(long, env = "BUNTING_SIM_PLOT")]
+    plot: Option<String>,
+    /// Seeds run in parallel during a sweep (each seed is still one thread).
+    #[arg(long, env = "BUNTING_SIM_JOBS", default_value_t = 1)]
+    jobs: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(outcome) => ExitCode::from(outcome.exit_code() as u8),
+        Err(e) => {
+            eprintln!("bunting-sim: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn parse_scenario(name: &str) -> Result<Option<Scenario>, Error> {
+    if name == "all" {
+        return Ok(None);
+    }
+    Scenario::ALL
+        .into_iter()
+        .find(|s| s.name() == name)
+        .map(Some)
+        .ok_or_else(|| Error::InvalidOption(format!("unknown scenario {name:?}")))
+}
+
+fn options_for(cli: &Cli, seed: u64, scenario: Scenario) -> Options {
+    Options {
+        seed,
+        regions: cli.regions,
+        nodes_per_region: cli.nodes_per_region,
+        duration_ms: cli.duration.as_millis() as u64,
+        scenario,
+        rates: FaultRates {
+            loss: cli.loss,
+            duplication: cli.duplication,
+            reorder: cli.reorder,
+            partitions_per_hour: cli.partitions_per_hour,
+            crashes_per_hour: cli.crashes_per_hour,
+        },
+        liveness_bound_ms: cli.liveness_bound.as_millis() as u64,
+        planted: cli.planted.clone(),
+        manual: false,
+    }
+}
+
+fn write_out(path: &str, text: &str) -> Result<(), Error> {
+    if path == "-" {
+        println!("{text}");
+        return Ok(());
+    }
+    std::fs::write(path, text).map_err(|source| Error::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn validate(cli: &Cli) -> Result<(), Error> {
+    if cli.regions == 0 || cli.nodes_per_region == 0 {
+        return Err(Error::InvalidOption(
+            "--regions and --nodes-per-region must be at least 1".into(),
+        ));
+    }
+    for (name, p) in [
+        ("--loss", cli.loss),
+        ("--duplication", cli.duplication),
+        ("--reorder", cli.reorder),
+    ] {
+        if let Some(p) = p {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::InvalidOption(format!("{name} must be in [0, 1)")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<Outcome, Error> {
+    validate(&cli)?;
+    let scenario = parse_scenario(&cli.scenario)?;
+    match (&cli.seeds, cli.seed) {
+        (Some(range), _) => sweep(&cli, range, scenario),
+        (None, seed) => one_seed(
+            &cli,
+            seed.unwrap_or(0),
+            scenario.unwrap_or(Scenario::Random),
+        ),
+    }
+}
+
+fn one_seed(cli: &Cli, seed: u64, scenario: Scenario) -> Result<Outcome, Error> {
+    let options = options_for(cli, seed, scenario);
+    let sim = Simulation::new(options.clone());
+    // The seed and everything it derived come first, so a crash still leaves them on screen.
+    println!("seed {seed} · {}", options.replay_command());
+    println!(
+        "derived: {}",
+        serde_json::to_string(sim.derived()).unwrap_or_default()
+    );
+    drop(sim);
+    let started = Instant::now();
+    let report = match run_seed(options.clone()) {
+        Ok(r) => r,
+        Err(panic) => {
+            println!("CRASH (panic): {panic}");
+            println!("replay: {}", options.replay_command());
+            return Ok(Outcome::Crash);
+        }
+    };
+    print_report(&report, started.elapsed().as_secs_f64());
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        write_out(path, &text)?;
+    }
+    if let Some(path) = &cli.plot {
+        let title = format!("bunting-sim seed {seed} ({})", scenario.name());
+        write_out(path, &timeline_svg(&report.timeline, &title))?;
+    }
+    Ok(report.outcome)
+}
+
+fn print_report(report: &Report, wall_s: f64) {
+    println!(
+        "{:?}: {} writes acknowledged ({} accepted, {} refused, {} concurrent bursts), {} conflicts, {} evaluations",
+        report.outcome,
+        report.writes_acknowledged,
+        report.writes_accepted,
+        report.writes_refused,
+        report.concurrent_bursts,
+        report.conflicts,
+        report.evaluations
+    );
+    println!(
+        "network: {} messages, {} bytes, {} lost, {} duplicated; {} partitions, {} crashes",
+        report.messages,
+        report.bytes,
+        report.messages_lost,
+        report.messages_duplicated,
+        report.partitions,
+        report.crashes
+    );
+    let times = report.convergence_times();
+    println!(
+        "convergence after {} heals: p50 {:?} ms, p99 {:?} ms; after the final heal: {:?} ms",
+        report.heals.len(),
+        bunting_sim::percentile(&times, 50.0),
+        bunting_sim::percentile(&times, 99.0),
+        report.final_convergence_ms
+    );
+    println!(
+        "simulated {:.1} s in {wall_s:.2} s wall; trace {}",
+        report.simulated_ms as f64 / 1000.0,
+        report.trace_hash
+    );
+    for v in &report.violations {
+        println!(
+            "VIOLATION {:?} at {} ms: {}",
+            v.invariant, v.at_ms, v.detail
+        );
+    }
+    if report.outcome != Outcome::Pass {
+        println!("replay: {}", report.replay);
+    }
+}
+
+fn parse_range(range: &str) -> Result<(u64, u64), Error> {
+    let bad = || Error::InvalidOption(format!("--seeds wants A..B, got {range:?}"));
+    let (a, b) = range.split_once("..").ok_or_else(bad)?;
+    let a: u64 = a.trim().parse().map_err(|_| bad())?;
+    let b: u64 = b.trim().parse().map_err(|_| bad())?;
+    if b <= a {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+fn sweep(cli: &Cli, range: &str, scenario: Option<Scenario>) -> Result<Outcome, Error> {
+    let (a, b) = parse_range(range)?;
+    let scenario_of =
+        |seed: u64| scenario.unwrap_or(Scenario::ALL[(seed % Scenario::ALL.len() as u64) as usize]);
+    println!(
+        "sweep seeds {a}..{b}: {}",
+        options_for(cli, a, scenario_of(a)).replay_command()
+    );
+    let bar = ProgressBar::new(b - a);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} seeds · {elapsed} · eta {eta} · {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let mut summary = SweepSummary::default();
+    let jobs = cli.jobs.max(1) as u64;
+    let mut seed = a;
+    while seed < b {
+        let batch: Vec<u64> = (seed..b.min(seed + jobs)).collect();
+        seed += batch.len() as u64;
+        let results: Vec<(Options, Result<Report, String>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|&s| {
+                    let options = options_for(cli, s, scenario_of(s));
+                    scope.spawn(move || {
+                        let r = run_seed(options.clone());
+                        (options, r)
+                    })
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
+        for (options, result) in results {
+            summary.add(&options, &result);
+            let failed = !matches!(&result, Ok(r) if r.outcome == Outcome::Pass);
+            if failed {
+                bar.println(format!(
+                    "FAIL seed {}: {}",
+                    options.seed,
+                    summary
+                        .failures
+                        .last()
+                        .map(|(cmd, why)| format!("{why}\n  replay: {cmd}"))
+                        .unwrap_or_default()
+                ));
+            }
+            bar.inc(1);
+        }
+        bar.set_message(format!("{} failed", summary.seeds - summary.passed));
+    }
+    bar.finish();
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    println!(
+        "{} seeds: {} passed, {} safety violations, {} liveness violations, {} crashes ({:.1} seeds/min)",
+        summary.seeds,
+        summary.passed,
+        summary.safety_violations,
+        summary.liveness_violations,
+        summary.crashes,
+        summary.seeds as f64 / minutes.max(1e-9)
+    );
+    println!(
+        "convergence after {} heals ({} converged before new faults): p50 {:?} ms, p90 {:?} ms, p99 {:?} ms, max {:?} ms",
+        summary.heals,
+        summary.heals_converged,
+        summary.convergence_p50_ms,
+        summary.convergence_p90_ms,
+        summary.convergence_p99_ms,
+        summary.convergence_max_ms
+    );
+    println!(
+        "after the final heal: p50 {:?} ms, p99 {:?} ms, max {:?} ms",
+        summary.final_convergence_p50_ms,
+        summary.final_convergence_p99_ms,
+        summary.final_convergence_max_ms
+    );
+    for (cmd, why) in &summary.failures {
+        println!("FAILED: {why}\n  replay: {cmd}");
+    }
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+        write_out(path, &text)?;
+    }
+    Ok(summary.worst())
+}
