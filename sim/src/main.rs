@@ -49,6 +49,9 @@ struct Cli {
     /// Node crashes per simulated hour.
     #[arg(long, env = "BUNTING_SIM_CRASHES_PER_HOUR")]
     crashes_per_hour: Option<f64>,
+    /// Admin writes per simulated minute, whole cluster (default: the seed chooses).
+    #[arg(long, env = "BUNTING_SIM_WRITES_PER_MINUTE")]
+    writes_per_minute: Option<f64>,
     /// Plant a replica bug (tests of the simulator itself).
     #[arg(long, value_enum)]
     planted: Vec<PlantedBug>,
@@ -98,6 +101,7 @@ fn options_for(cli: &Cli, seed: u64, scenario: Scenario) -> Options {
             reorder: cli.reorder,
             partitions_per_hour: cli.partitions_per_hour,
             crashes_per_hour: cli.crashes_per_hour,
+            writes_per_minute: cli.writes_per_minute,
         },
         liveness_bound_ms: cli.liveness_bound.as_millis() as u64,
         planted: cli.planted.clone(),

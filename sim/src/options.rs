@@ -104,6 +104,8 @@ pub struct FaultRates {
     pub partitions_per_hour: Option<f64>,
     /// Node crashes per simulated hour (whole cluster).
     pub crashes_per_hour: Option<f64>,
+    /// Admin writes per simulated minute (whole cluster).
+    pub writes_per_minute: Option<f64>,
 }
 
 /// What one run does. Everything else derives from `seed`.
@@ -166,6 +168,7 @@ impl Options {
             ("--reorder", self.rates.reorder),
             ("--partitions-per-hour", self.rates.partitions_per_hour),
             ("--crashes-per-hour", self.rates.crashes_per_hour),
+            ("--writes-per-minute", self.rates.writes_per_minute),
         ];
         for (flag, value) in rates {
             if let Some(v) = value {
@@ -269,6 +272,7 @@ impl Derived {
         let reconnect_min = rng.random_range(50..=500);
         let reconnect_ms = (reconnect_min, reconnect_min + rng.random_range(0..=2_000));
         let writes_per_minute = rng.random_range(2.0..30.0);
+        let writes_per_minute = options.rates.writes_per_minute.unwrap_or(writes_per_minute);
         let concurrent_share = rng.random_range(0.05..0.3);
         let upload_share = rng.random_range(0.0..0.1);
         let evaluations_per_minute = rng.random_range(5.0..60.0);

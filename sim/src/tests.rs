@@ -207,7 +207,10 @@ fn planted_ack_before_persist_is_caught_as_a_lost_write() {
 #[test]
 fn planted_send_before_persist_with_actor_reuse_is_caught() {
     let report = find_violation(PlantedBug::SendBeforePersistReuseActor, |seed| {
-        short(seed, Scenario::RollingCrash, 60_000)
+        // Many writes, so a restarted node soon writes again with its reused actor id.
+        let mut o = short(seed, Scenario::RollingCrash, 120_000);
+        o.rates.writes_per_minute = Some(90.0);
+        o
     });
     assert_ne!(report.outcome, Outcome::Pass);
 }
