@@ -223,8 +223,9 @@ impl Rule {
 }
 
 /// Most nodes one rule may expand to. `$ref`s shared many times over can make a short document
-/// expand exponentially; this bounds the memory and time one rule can cost.
-pub(crate) const MAX_RULE_NODES: usize = 100_000;
+/// expand exponentially; this bounds the memory and time one rule can cost. The same limit as
+/// validation's, so a rule that validates also compiles.
+pub(crate) const MAX_RULE_NODES: usize = bunting_model::limits::MAX_EXPANDED_RULE_NODES;
 
 struct Compiler<'e> {
     evaluators: &'e IndexMap<String, Value>,

@@ -16,6 +16,10 @@ pub const MAX_VARIANTS: usize = 1_000;
 /// Deepest nesting of a targeting rule, counted in JSON objects and arrays (after `$ref` expansion).
 pub const MAX_RULE_DEPTH: usize = 32;
 
+/// Most operations and values in one targeting rule after `$ref` expansion: evaluators that use
+/// each other repeatedly expand exponentially, and every rule is compiled on every node.
+pub const MAX_EXPANDED_RULE_NODES: usize = 100_000;
+
 /// Deepest nesting of any JSON value accepted from outside (bodies, variant values, contexts).
 pub const MAX_JSON_DEPTH: usize = 64;
 

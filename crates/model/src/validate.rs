@@ -1,6 +1,6 @@
 //! Semantic validation of a flag set: every problem at once, each with its JSON Pointer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use indexmap::IndexMap;
 use serde_json::Value;
@@ -188,90 +188,130 @@ fn check_metadata(
     }
 }
 
-/// Checks a targeting rule: known operators, known `$ref`s, no `$ref` cycles, depth after expansion.
+/// Checks a targeting rule: known operators, known `$ref`s, no `$ref` cycles, and depth and size
+/// after expansion.
 fn check_rule(
     rule: &Value,
     at: &str,
     evaluators: &IndexMap<String, Value>,
     problems: &mut Vec<Problem>,
 ) {
-    let mut visiting = HashSet::new();
-    match expanded_depth(rule, at, evaluators, &mut visiting, problems, 0) {
-        Some(depth) if depth <= MAX_RULE_DEPTH => {}
-        _ => problems.push(Problem::new(
+    let mut walker = RuleWalker {
+        evaluators,
+        expansions: HashMap::new(),
+        visiting: HashSet::new(),
+        problems,
+    };
+    let shape = walker.walk(rule, at);
+    if shape.depth > MAX_RULE_DEPTH {
+        walker.problems.push(Problem::new(
             at,
             format!("rule nests deeper than the limit of {MAX_RULE_DEPTH} (after $ref expansion)"),
-        )),
+        ));
+    }
+    if shape.nodes > MAX_EXPANDED_RULE_NODES {
+        walker.problems.push(Problem::new(
+            at,
+            format!(
+                "rule has more than {MAX_EXPANDED_RULE_NODES} operations and values after $ref \
+                 expansion"
+            ),
+        ));
     }
 }
 
-/// Depth of `rule` with `$ref`s expanded, reporting problems on the way. `None` once the depth
-/// already passed the limit (the walk stops there, so a hostile rule costs little).
-fn expanded_depth<'a>(
-    rule: &'a Value,
-    at: &str,
+/// Depth and size of a rule with its `$ref`s expanded.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    depth: usize,
+    /// Saturating: a few evaluators that reference each other many times expand exponentially.
+    nodes: usize,
+}
+
+/// Walks a rule once, remembering each evaluator's expanded shape, so a document whose evaluators
+/// reference each other many times costs time linear in its size, not in its expansion.
+struct RuleWalker<'a, 'p> {
     evaluators: &'a IndexMap<String, Value>,
-    visiting: &mut HashSet<&'a str>,
-    problems: &mut Vec<Problem>,
-    level: usize,
-) -> Option<usize> {
-    if level > MAX_RULE_DEPTH {
-        return None;
-    }
-    match rule {
-        Value::Array(items) => {
-            let mut max = 1;
-            for (i, item) in items.iter().enumerate() {
-                let here = format!("{at}/{i}");
-                max = max.max(
-                    1 + expanded_depth(item, &here, evaluators, visiting, problems, level + 1)?,
-                );
-            }
-            Some(max)
-        }
-        Value::Object(obj) if obj.len() == 1 => {
-            let (op, args) = obj.iter().next()?;
-            let here = format!("{at}{}", pointer([op.as_str()]));
-            if op == "$ref" {
-                let Some(name) = args.as_str() else {
-                    problems.push(Problem::new(here, "$ref must name an evaluator"));
-                    return Some(1);
-                };
-                let Some((name, target)) = evaluators.get_key_value(name) else {
-                    problems.push(Problem::new(
-                        here,
-                        format!("$ref {name:?} names no entry of $evaluators"),
-                    ));
-                    return Some(1);
-                };
-                if !visiting.insert(name.as_str()) {
-                    problems.push(Problem::new(
-                        here,
-                        format!("$ref {name:?} refers back to itself"),
-                    ));
-                    return Some(1);
+    expansions: HashMap<&'a str, Shape>,
+    visiting: HashSet<&'a str>,
+    problems: &'p mut Vec<Problem>,
+}
+
+impl<'a> RuleWalker<'a, '_> {
+    fn walk(&mut self, rule: &'a Value, at: &str) -> Shape {
+        match rule {
+            Value::Array(items) => {
+                let mut shape = Shape { depth: 1, nodes: 1 };
+                for (i, item) in items.iter().enumerate() {
+                    shape = shape.with_child(self.walk(item, &format!("{at}/{i}")));
                 }
-                // A `$ref` object is replaced by its target, so it adds no level of its own.
-                let d = expanded_depth(target, &here, evaluators, visiting, problems, level);
-                visiting.remove(name.as_str());
-                return d;
+                shape
             }
-            if !OPERATORS.contains(&op.as_str()) {
-                problems.push(Problem::new(&here, format!("unknown operator {op:?}")));
+            Value::Object(obj) if obj.len() == 1 => {
+                let Some((op, args)) = obj.iter().next() else {
+                    return Shape { depth: 1, nodes: 1 };
+                };
+                let here = format!("{at}{}", pointer([op.as_str()]));
+                if op == "$ref" {
+                    return self.expand(args, &here);
+                }
+                if !OPERATORS.contains(&op.as_str()) {
+                    self.problems
+                        .push(Problem::new(&here, format!("unknown operator {op:?}")));
+                }
+                Shape { depth: 1, nodes: 1 }.with_child(self.walk(args, &here))
             }
-            Some(1 + expanded_depth(args, &here, evaluators, visiting, problems, level + 1)?)
+            // Objects with other than one key are JsonLogic literals.
+            Value::Object(obj) => {
+                let mut shape = Shape { depth: 1, nodes: 1 };
+                for (k, v) in obj {
+                    shape =
+                        shape.with_child(self.walk(v, &format!("{at}{}", pointer([k.as_str()]))));
+                }
+                shape
+            }
+            _ => Shape { depth: 0, nodes: 1 },
         }
-        // Objects with other than one key are JsonLogic literals.
-        Value::Object(obj) => {
-            let mut max = 1;
-            for (k, v) in obj {
-                let here = format!("{at}{}", pointer([k.as_str()]));
-                max = max
-                    .max(1 + expanded_depth(v, &here, evaluators, visiting, problems, level + 1)?);
-            }
-            Some(max)
+    }
+
+    /// A `$ref` object is replaced by its target, so it adds no level of its own.
+    fn expand(&mut self, name: &'a Value, here: &str) -> Shape {
+        let leaf = Shape { depth: 1, nodes: 1 };
+        let Some(name) = name.as_str() else {
+            self.problems
+                .push(Problem::new(here, "$ref must name an evaluator"));
+            return leaf;
+        };
+        let Some((name, target)) = self.evaluators.get_key_value(name) else {
+            self.problems.push(Problem::new(
+                here,
+                format!("$ref {name:?} names no entry of $evaluators"),
+            ));
+            return leaf;
+        };
+        if let Some(shape) = self.expansions.get(name.as_str()) {
+            return *shape;
         }
-        _ => Some(0),
+        if !self.visiting.insert(name.as_str()) {
+            self.problems.push(Problem::new(
+                here,
+                format!("$ref {name:?} refers back to itself"),
+            ));
+            return leaf;
+        }
+        let shape = self.walk(target, here);
+        self.visiting.remove(name.as_str());
+        self.expansions.insert(name.as_str(), shape);
+        shape
+    }
+}
+
+impl Shape {
+    fn with_child(self, child: Shape) -> Shape {
+        Shape {
+            depth: self.depth.max(child.depth.saturating_add(1)),
+            nodes: self.nodes.saturating_add(child.nodes),
+        }
     }
 }
 
@@ -356,6 +396,27 @@ mod tests {
             problems
                 .iter()
                 .any(|p| p.pointer == "/flags/a/targeting" && p.message.contains("limit")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn mutually_referencing_evaluators_are_refused_quickly() {
+        // Each evaluator uses the previous one twice: 2^40 nodes once expanded, a few hundred bytes
+        // as written. Validation must neither take exponential time nor accept it.
+        let mut evaluators = serde_json::Map::new();
+        evaluators.insert("e0".into(), json!({"var": "x"}));
+        for i in 1..40 {
+            let prev = format!("e{}", i - 1);
+            evaluators.insert(format!("e{i}"), json!([{"$ref": prev}, {"$ref": prev}]));
+        }
+        let doc = json!({"flags": {"a": {"state": "ENABLED", "variants": {"x": 1},
+            "targeting": {"if": [{"$ref": "e39"}, "x", null]}}}, "$evaluators": evaluators});
+        let problems = problems_of(doc);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.pointer == "/flags/a/targeting" && p.message.contains("operations")),
             "{problems:?}"
         );
     }
