@@ -57,14 +57,55 @@ impl AppState {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: String,
-    method: String,
+    route: &'static str,
+    method: &'static str,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    route: String,
+    route: &'static str,
+}
+
+/// Every route pattern, so metric labels are static strings (no allocation per request).
+const ROUTES: &[&str] = &[
+    "/ofrep/v1/evaluate/flags",
+    "/ofrep/v1/evaluate/flags/{key}",
+    "/api/v1/status",
+    "/api/v1/flagsets",
+    "/api/v1/flagsets/{set}",
+    "/api/v1/flagsets/{set}/flags",
+    "/api/v1/flagsets/{set}/flags/{key}",
+    "/api/v1/flagsets/{set}/flags/{key}/toggle",
+    "/api/v1/flagsets/{set}/flags/{key}/history",
+    "/api/v1/flagsets/{set}/history",
+    "/api/v1/flagsets/{set}/conflicts",
+    "/api/v1/flagsets/{set}/broken",
+    "/api/v1/flagsets/{set}/stream",
+    "/api/v1/tokens",
+    "/api/v1/tokens/{id}",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+];
+
+fn static_route(path: Option<&MatchedPath>) -> &'static str {
+    path.and_then(|p| ROUTES.iter().find(|r| **r == p.as_str()).copied())
+        .unwrap_or("other")
+}
+
+fn static_method(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -105,21 +146,15 @@ impl Default for Metrics {
 }
 
 async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = request.method().as_str().to_owned();
+    let route = static_route(request.extensions().get::<MatchedPath>());
+    let method = static_method(request.method());
     let start = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16();
     state
         .metrics
         .latency
-        .get_or_create(&RouteLabels {
-            route: route.clone(),
-        })
+        .get_or_create(&RouteLabels { route })
         .observe(start.elapsed().as_secs_f64());
     state
         .metrics

@@ -58,8 +58,6 @@ struct Prepared {
     context: EvaluationContext,
     /// The raw body, which identifies the context for the bulk ETag.
     body: Bytes,
-    /// The API key as presented, for the event stream's URL.
-    key: String,
 }
 
 fn prepare(
@@ -114,14 +112,10 @@ fn prepare(
             format!("flag set {set:?}, which this key is bound to, is not on this node"),
         )
     })?;
-    let key = crate::auth::presented_token(headers)
-        .unwrap_or_default()
-        .to_owned();
     Ok(Prepared {
         snapshot,
         context,
         body,
-        key,
     })
 }
 
@@ -345,7 +339,8 @@ pub async fn evaluate_all(
     }
     out.extend_from_slice(b"],\"metadata\":");
     let _ = serde_json::to_writer(&mut out, snapshot.compiled.metadata());
-    let stream = event_stream_uri(&snapshot.name, &prepared.key);
+    let key = crate::auth::presented_token(&headers).unwrap_or_default();
+    let stream = event_stream_uri(&snapshot.name, key);
     out.extend_from_slice(b",\"eventStreams\":");
     let _ = serde_json::to_writer(
         &mut out,
