@@ -336,3 +336,61 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .with_state(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request as HttpRequest;
+    use bunting_store::MemoryStore;
+    use tower::ServiceExt;
+
+    fn loading_state() -> Arc<AppState> {
+        let tokens = Tokens::load(Arc::new(MemoryStore::new()), 100, 100).unwrap();
+        tokens.bootstrap("root", 0).unwrap();
+        Arc::new(AppState {
+            snapshots: Arc::new(Snapshots::default()),
+            tokens: Arc::new(tokens),
+            driver: OnceLock::new(),
+            ready: Arc::new(AtomicBool::new(false)),
+            identity: Identity {
+                node: "n".into(),
+                region: "r".into(),
+                incarnation: 1,
+            },
+            limits: LimitsConfig::default(),
+            started: Instant::now(),
+            metrics: Metrics::default(),
+            trace_evaluations: false,
+            stopping: watch::channel(false).1,
+        })
+    }
+
+    async fn status(app: Router, method: &str, uri: &str) -> u16 {
+        let request = HttpRequest::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", "Bearer root")
+            .header("content-type", "application/json")
+            .body(Body::from("{\"context\":{}}"))
+            .unwrap();
+        app.oneshot(request).await.unwrap().status().as_u16()
+    }
+
+    #[tokio::test]
+    async fn node_that_is_still_loading_is_alive_but_not_ready() {
+        let state = loading_state();
+        assert_eq!(status(router(state.clone()), "GET", "/healthz").await, 200);
+        assert_eq!(status(router(state.clone()), "GET", "/readyz").await, 503);
+        assert_eq!(
+            status(router(state.clone()), "POST", "/ofrep/v1/evaluate/flags/x").await,
+            503
+        );
+        assert_eq!(
+            status(router(state.clone()), "GET", "/api/v1/flagsets").await,
+            503
+        );
+        state.ready.store(true, Ordering::Release);
+        assert_eq!(status(router(state), "GET", "/readyz").await, 200);
+    }
+}
