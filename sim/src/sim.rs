@@ -280,7 +280,6 @@ pub struct Simulation {
     agreement: HashMap<ProbeKey, (usize, Answers)>,
     liveness_started: u64,
     final_convergence: Option<u64>,
-    docs_changed: bool,
 }
 
 impl Simulation {
@@ -380,7 +379,6 @@ impl Simulation {
             agreement: HashMap::new(),
             liveness_started: 0,
             final_convergence: None,
-            docs_changed: false,
         };
         for n in 0..sim.nodes.len() {
             sim.start_node(n);
@@ -532,13 +530,12 @@ impl Simulation {
             self.now = self.now.max(next.at);
             (self.now, next.action.tag()).hash(&mut self.trace);
             self.handle(next.action);
-            if self.phase == Phase::Liveness && self.docs_changed {
-                self.docs_changed = false;
-                if self.converged() {
-                    self.final_convergence = Some(self.now - self.liveness_started);
-                    self.final_checks();
-                    self.phase = Phase::Done;
-                }
+            // In the liveness phase every step may be the one that completes convergence (a
+            // restart or reconnect changes no document but can end a divergence).
+            if self.phase == Phase::Liveness && self.converged() {
+                self.final_convergence = Some(self.now - self.liveness_started);
+                self.final_checks();
+                self.phase = Phase::Done;
             }
         }
     }
@@ -789,7 +786,6 @@ impl Simulation {
     }
 
     fn on_doc_changed(&mut self, n: usize, flag_set: &str, heads: Vec<ChangeHash>) {
-        self.docs_changed = true;
         heads.hash(&mut self.trace);
         let node = &self.nodes[n];
         let Some(doc) = node.replica.as_ref().and_then(|r| r.flag_set(flag_set)) else {
@@ -1716,7 +1712,6 @@ impl Simulation {
         }
         self.open_tracker("final heal".to_owned());
         self.schedule(self.options.liveness_bound_ms, Action::LivenessDeadline);
-        self.docs_changed = true;
     }
 
     // ---- final checks ----

@@ -44,10 +44,10 @@ pub struct SweepSummary {
     pub final_convergence_p50_ms: Option<u64>,
     pub final_convergence_p99_ms: Option<u64>,
     pub final_convergence_max_ms: Option<u64>,
-    #[serde(skip)]
-    convergence: Vec<u64>,
-    #[serde(skip)]
-    finals: Vec<u64>,
+    /// Every convergence time after a heal, for merging sweeps run in chunks.
+    pub convergence: Vec<u64>,
+    /// Every convergence time after the final heal.
+    pub finals: Vec<u64>,
 }
 
 impl SweepSummary {

@@ -29,6 +29,11 @@ fn sweep(scenario: Scenario, first_seed: u64) {
             .join("\n")
     );
     assert!(summary.writes_acknowledged > 0, "the workload ran");
+    assert_eq!(
+        summary.finals.len() as u64,
+        SEEDS_PER_SCENARIO,
+        "every seed records when it converged after the final heal"
+    );
 }
 
 #[test]
