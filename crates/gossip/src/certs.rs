@@ -90,6 +90,14 @@ pub fn ca_exists(dir: &Path) -> bool {
     dir.join(CA_CERT_FILE).exists() && dir.join(CA_KEY_FILE).exists()
 }
 
+/// Whether `dir` already holds a node's certificate, key and CA copy (so `bunting dev` can issue
+/// only what is missing).
+pub fn node_files_exist(dir: &Path) -> bool {
+    [CA_CERT_FILE, NODE_CERT_FILE, NODE_KEY_FILE]
+        .iter()
+        .all(|f| dir.join(f).exists())
+}
+
 /// Issues a certificate for node `node` (valid two years) signed by the CA in `ca_dir`, and writes
 /// it with its key and the CA certificate into `out_dir`. Refuses to overwrite a node key.
 pub fn issue(ca_dir: &Path, node: &str, out_dir: &Path) -> Result<NodeFiles, Error> {
@@ -345,7 +353,9 @@ mod tests {
         assert!(ca_exists(dir.path()));
         assert!(matches!(init_ca(dir.path()), Err(Error::Exists(_))));
         let out = dir.path().join("node");
+        assert!(!node_files_exist(&out));
         issue(dir.path(), "eu-west-1", &out).unwrap();
+        assert!(node_files_exist(&out));
         assert!(matches!(
             issue(dir.path(), "eu-west-1", &out),
             Err(Error::Exists(_))
