@@ -635,6 +635,7 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> A
         "uptimeSecs": state.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),
         "flagSets": sets,
+        "cluster": state.gossip.as_ref().map(|g| g.to_json()),
     }))
     .into_response())
 }

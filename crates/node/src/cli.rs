@@ -29,6 +29,8 @@ pub enum Command {
     Flags(FlagsArgs),
     /// Create, list and revoke API tokens through a node's admin API.
     Tokens(TokensArgs),
+    /// Create a dev cluster CA and node certificates for gossip's mutual TLS.
+    Certs(crate::certs_cmd::CertsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +62,12 @@ pub struct ServeArgs {
     /// A bootstrap admin token; prefer the environment variable to keep it out of `ps`.
     #[arg(long, env = "BUNTING_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Directory of region files: joins that cluster as `--node-id` (gossip address from the files).
+    #[arg(long, env = "BUNTING_REGIONS")]
+    pub regions: Option<PathBuf>,
+    /// Directory with ca.pem, node.pem, node.key (default: <data-dir>/tls).
+    #[arg(long, env = "BUNTING_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// Where the admin CLI sends its requests.

@@ -40,6 +40,8 @@ pub struct NodeConfig {
     pub admin_token: Option<String>,
     pub limits: LimitsConfig,
     pub telemetry: TelemetryConfig,
+    /// The cluster this node gossips with; alone when absent.
+    pub cluster: Option<crate::gossip_link::ClusterConfig>,
 }
 
 /// Protection against overload and hostile input.
@@ -85,6 +87,7 @@ impl Default for NodeConfig {
             admin_token: None,
             limits: LimitsConfig::default(),
             telemetry: TelemetryConfig::default(),
+            cluster: None,
         }
     }
 }

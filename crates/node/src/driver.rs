@@ -12,8 +12,10 @@
 //! - `FlagSetChanged` → recompile with the engine and swap the snapshot, but only once nothing of
 //!   that flag set is waiting to be stored, so evaluations never serve a change this node could
 //!   still lose in a crash;
-//! - timers (`poll_timeout` / `handle_timeout`) on the wall clock. Frames for peers
-//!   (`poll_transmit`) are dropped until the gossip transport (a later issue) takes them.
+//! - timers (`poll_timeout` / `handle_timeout`) on the wall clock;
+//! - with a cluster configured ([`crate::gossip_link`]): transport events in (`add_peer`,
+//!   `remove_peer`, `handle_message`), frames out (`poll_transmit` → `Gossip::send`) after every
+//!   step, and `ProtocolError` → `Gossip::reject_peer`. Without one, frames are dropped.
 //!
 //! A client that got a 2xx therefore reads its own write from any later evaluation on this node,
 //! and finds it after a crash.
@@ -33,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::gossip_link::Link;
 use crate::snapshot::Snapshots;
 use crate::NodeError;
 
@@ -353,6 +356,8 @@ struct Driver {
     stored: HashMap<String, (u64, u64)>,
     done_tx: mpsc::UnboundedSender<Persisted>,
     done_rx: mpsc::UnboundedReceiver<Persisted>,
+    /// The gossip transport, when this node is part of a cluster.
+    link: Option<Link>,
 }
 
 /// Loads every flag set from the store (creating `default`, from `initial` when given, on first
@@ -363,6 +368,7 @@ pub async fn start(
     identity: Identity,
     initial: Option<FlagSet>,
     ready: Arc<AtomicBool>,
+    link: Option<Link>,
 ) -> Result<(DriverHandle, tokio::task::JoinHandle<()>), NodeError> {
     let (stored_sets, seqs) = {
         let store = store.clone();
@@ -388,6 +394,7 @@ pub async fn start(
         stored: seqs,
         done_tx,
         done_rx,
+        link,
     };
     let now = now_ms() / 1000;
     for name in driver.replica.flag_set_names() {
@@ -488,11 +495,15 @@ impl Driver {
                     Some(command) => self.handle(command).await,
                 },
                 Some(done) = self.done_rx.recv() => self.on_persisted(done),
+                event = Link::next_event(&mut self.link) => self.on_gossip(event),
                 _ = tokio::time::sleep(next_timer) => {
                     self.replica.handle_timeout(Timestamp(now_ms()));
                     self.drain();
                 }
             }
+        }
+        if let Some(link) = &self.link {
+            link.gossip.shutdown().await;
         }
         tracing::info!("driver stopped: every queued write is stored");
     }
@@ -753,6 +764,24 @@ impl Driver {
         Ok((answer, hex_heads(&doc.heads())))
     }
 
+    /// Feeds one transport event into the replica.
+    fn on_gossip(&mut self, event: bunting_gossip::GossipEvent) {
+        use bunting_gossip::GossipEvent;
+        let now = Timestamp(now_ms());
+        match event {
+            GossipEvent::Connected(peer) => {
+                tracing::info!(peer = %peer.0, "peer connected");
+                self.replica.add_peer(peer, now);
+            }
+            GossipEvent::Disconnected(peer) => {
+                tracing::info!(peer = %peer.0, "peer disconnected");
+                self.replica.remove_peer(&peer);
+            }
+            GossipEvent::Frame { peer, bytes } => self.replica.handle_message(&peer, &bytes, now),
+        }
+        self.drain();
+    }
+
     /// Carries out everything the replica asked for.
     fn drain(&mut self) {
         let mut acks = Vec::new();
@@ -763,14 +792,27 @@ impl Driver {
                 }
                 Event::PersistRequest(request) => self.persist(request),
                 Event::WriteAcknowledged { id, flag_set, .. } => acks.push((id, flag_set)),
-                Event::PeerSynced { .. } => {}
+                Event::PeerSynced { peer, .. } => {
+                    if let Some(link) = &self.link {
+                        link.status.synced(peer, now_ms());
+                    }
+                }
                 Event::ProtocolError { peer, error } => {
                     tracing::warn!(peer = %peer.0, %error, "peer sent an unusable frame");
+                    if let Some(link) = &self.link {
+                        link.gossip.reject_peer(&peer, &error.to_string());
+                    }
                 }
             }
         }
-        // No transport yet (the gossip issue adds it): frames for peers go nowhere.
-        while self.replica.poll_transmit().is_some() {}
+        while let Some((peer, frame)) = self.replica.poll_transmit() {
+            if let Some(link) = &self.link {
+                // Never waits; a peer without a connection resyncs when it reconnects.
+                if let Err(e) = link.gossip.send(&peer, frame) {
+                    tracing::debug!(peer = %peer.0, error = %e, "frame not sent");
+                }
+            }
+        }
         let now = now_ms() / 1000;
         let ready: Vec<String> = self
             .dirty

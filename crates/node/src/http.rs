@@ -47,6 +47,8 @@ pub struct AppState {
     pub trace_evaluations: bool,
     /// Turns true when the server begins a graceful shutdown; event streams end then.
     pub stopping: watch::Receiver<bool>,
+    /// Per-peer link state for node status, when this node is part of a cluster.
+    pub gossip: Option<Arc<crate::gossip_link::LinkStatus>>,
 }
 
 impl AppState {
@@ -363,6 +365,7 @@ mod tests {
             metrics: Metrics::default(),
             trace_evaluations: false,
             stopping: watch::channel(false).1,
+            gossip: None,
         })
     }
 

@@ -12,11 +12,13 @@
 
 pub mod admin;
 pub mod auth;
+pub mod certs_cmd;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod driver;
 mod error;
+pub mod gossip_link;
 pub mod http;
 pub mod ofrep;
 pub mod snapshot;
@@ -75,6 +77,7 @@ pub async fn serve(
         region: config.region.clone(),
         incarnation,
     };
+    let link = gossip_link::start(config.cluster.as_ref(), &config.node_id, &config.data_dir)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(false));
     let snapshots = Arc::new(snapshot::Snapshots::default());
@@ -89,6 +92,7 @@ pub async fn serve(
         metrics: http::Metrics::default(),
         trace_evaluations: config.telemetry.otlp_endpoint.is_some(),
         stopping: stop_rx,
+        gossip: link.as_ref().map(|l| l.status.clone()),
     });
     tracing::info!(
         node = %identity.node,
@@ -101,7 +105,7 @@ pub async fn serve(
     let loader = {
         let state = state.clone();
         tokio::spawn(async move {
-            match driver::start(store, snapshots, identity, initial, ready).await {
+            match driver::start(store, snapshots, identity, initial, ready, link).await {
                 Ok((handle, task)) => {
                     let _ = state.driver.set(handle);
                     Ok(task)

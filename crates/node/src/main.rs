@@ -23,6 +23,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => run_serve(args).await,
             Command::Flags(args) => client::flags(args).await,
             Command::Tokens(args) => client::tokens(args).await,
+            Command::Certs(args) => bunting_node::certs_cmd::run(args),
         }
     });
     match result {
@@ -61,6 +62,14 @@ fn config_from(args: ServeArgs) -> Result<NodeConfig, NodeError> {
         config.telemetry.otlp_endpoint = Some(v);
     }
     config.admin_token = args.admin_token;
+    if let Some(regions) = args.regions {
+        let cluster = config.cluster.get_or_insert_with(Default::default);
+        cluster.regions = regions;
+    }
+    if let Some(dir) = args.tls_dir {
+        let cluster = config.cluster.get_or_insert_with(Default::default);
+        cluster.tls_dir = Some(dir);
+    }
     config.check().map_err(NodeError::Config)?;
     Ok(config)
 }

@@ -1,0 +1,170 @@
+//! The link between this node's driver and the gossip transport ([`bunting_gossip`]).
+//!
+//! When the node config names a cluster (a regions directory, this node's id in it and a
+//! directory with its certificates), [`start`] opens the QUIC transport on the node's gossip
+//! address and hands the driver a [`Link`]. The driver stays the single owner of the replica: it
+//! feeds the transport's events into it and drains its frames into [`Gossip::send`]. Without a
+//! cluster the node runs alone.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bunting_gossip::cluster::{Cluster, DEFAULT_LINKS_PER_REGION};
+use bunting_gossip::{Gossip, GossipConfig, GossipEvent, NodeTls, PeerId};
+use bunting_replica::wire::DEFAULT_MAX_FRAME_BYTES;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::NodeError;
+
+/// Where this node finds its cluster (`[cluster]` in the node file, or `--regions`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Directory of region files (`regions/*.toml`); this node's id must be in one of them.
+    pub regions: PathBuf,
+    /// Directory holding `ca.pem`, `node.pem` and `node.key` (from `bunting certs issue`);
+    /// `<data_dir>/tls` when absent.
+    pub tls_dir: Option<PathBuf>,
+    /// Links this node keeps to every other region (full mesh inside its own region).
+    pub links_per_region: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            regions: PathBuf::from("regions"),
+            tls_dir: None,
+            links_per_region: DEFAULT_LINKS_PER_REGION,
+        }
+    }
+}
+
+/// What node status shows about the links; shared by the driver and the HTTP layer.
+#[derive(Debug)]
+pub struct LinkStatus {
+    gossip: Gossip,
+    /// Wall-clock ms of the last `PeerSynced` per peer (the replica reports it, not the transport).
+    last_sync_ms: Mutex<BTreeMap<PeerId, u64>>,
+}
+
+impl LinkStatus {
+    pub(crate) fn synced(&self, peer: PeerId, now_ms: u64) {
+        let mut map = self.last_sync_ms.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(peer, now_ms);
+    }
+
+    /// Per-peer state as JSON for `GET /api/v1/status`.
+    pub fn to_json(&self) -> Value {
+        let stats = self.gossip.stats();
+        let synced = self
+            .last_sync_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let peers: Vec<Value> = stats
+            .peers
+            .iter()
+            .map(|(peer, s)| {
+                json!({
+                    "peer": peer.0,
+                    "addr": s.addr.map(|a| a.to_string()),
+                    "connected": s.connected,
+                    "connectedSinceUnixMs": s.connected_since_unix_ms,
+                    "lastFrameReceivedUnixMs": s.last_frame_received_unix_ms,
+                    "lastSyncUnixMs": synced.get(peer),
+                    "framesSent": s.frames_sent,
+                    "framesReceived": s.frames_received,
+                    "bytesSent": s.bytes_sent,
+                    "bytesReceived": s.bytes_received,
+                    "framesRejected": s.frames_rejected,
+                    "framesDropped": s.frames_dropped,
+                    "connections": s.connections,
+                    "dialFailures": s.dial_failures,
+                    "lastError": s.last_error,
+                    "rttMs": s.rtt_ms,
+                })
+            })
+            .collect();
+        json!({
+            "node": self.gossip.node().0,
+            "gossipAddr": self.gossip.local_addr().ok().map(|a| a.to_string()),
+            "peers": peers,
+            "handshakesFailed": stats.handshakes_failed,
+            "unknownPeersRefused": stats.unknown_peers_refused,
+        })
+    }
+}
+
+/// The driver's end of the transport.
+pub struct Link {
+    pub(crate) gossip: Gossip,
+    /// `None` once the transport has gone away (the node then keeps serving alone).
+    events: Option<mpsc::Receiver<GossipEvent>>,
+    pub(crate) status: Arc<LinkStatus>,
+}
+
+impl Link {
+    /// The next transport event; pends for ever when there is no link or it has closed.
+    pub(crate) async fn next_event(link: &mut Option<Link>) -> GossipEvent {
+        if let Some(events) = link.as_mut().and_then(|l| l.events.as_mut()) {
+            if let Some(event) = events.recv().await {
+                return event;
+            }
+            tracing::warn!("gossip transport stopped; serving without peers");
+            if let Some(l) = link.as_mut() {
+                l.events = None;
+            }
+        }
+        std::future::pending().await
+    }
+}
+
+/// Starts the transport for `node_id` when a cluster is configured. Must run inside the runtime.
+pub fn start(
+    cluster: Option<&ClusterConfig>,
+    node_id: &str,
+    data_dir: &std::path::Path,
+) -> Result<Option<Link>, NodeError> {
+    let Some(cluster) = cluster else {
+        return Ok(None);
+    };
+    let err = |e: bunting_gossip::Error| NodeError::Config(format!("cluster: {e}"));
+    let map = Cluster::load_dir(&cluster.regions).map_err(err)?;
+    let (_, me) = map.node(node_id).ok_or_else(|| {
+        NodeError::Config(format!(
+            "cluster: node {node_id:?} is in no region file under {}",
+            cluster.regions.display()
+        ))
+    })?;
+    let gossip_addr = me.gossip;
+    let peers = map
+        .peers_of(node_id, cluster.links_per_region)
+        .map_err(err)?
+        .into_iter()
+        .map(|p| (p.id, p.gossip))
+        .collect();
+    let tls_dir = cluster
+        .tls_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("tls"));
+    let tls = NodeTls::load(&tls_dir).map_err(err)?;
+    let socket = std::net::UdpSocket::bind(gossip_addr)
+        .map_err(|e| NodeError::Config(format!("cluster: gossip address {gossip_addr}: {e}")))?;
+    let mut config = GossipConfig::new(PeerId(node_id.to_owned()), peers);
+    // Equal to the replica's limit (ReplicaConfig's default), so neither side refuses the other's frames.
+    config.max_frame_bytes = DEFAULT_MAX_FRAME_BYTES;
+    let (gossip, events) = Gossip::start(config, &tls, socket).map_err(err)?;
+    tracing::info!(node = node_id, addr = %gossip_addr, "gossip transport started");
+    let status = Arc::new(LinkStatus {
+        gossip: gossip.clone(),
+        last_sync_ms: Mutex::new(BTreeMap::new()),
+    });
+    Ok(Some(Link {
+        gossip,
+        events: Some(events),
+        status,
+    }))
+}
