@@ -45,7 +45,7 @@ port="$(free_port)"; token='*:development.benchsecret'
   --frontend-tokens "$token" --client-tokens "$token" > "$work/edge.log" 2>&1 &
 pid=$!
 wait_http -H "Authorization: $token" "http://127.0.0.1:$port/api/frontend?$ctx_query"
-edge_bulk="$(curl -fsS -H "Authorization: $token" "http://127.0.0.1:$port/api/frontend?$ctx_query" | grep -o '"name"' | wc -l)"
+edge_bulk="$(curl -fsS -H "Authorization: $token" "http://127.0.0.1:$port/api/frontend?$ctx_query" | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["toggles"]))')"
 echo "edge: /api/frontend lists $edge_bulk enabled toggles for the context"
 cat > "$work/get.lua" <<LUA
 wrk.headers["Authorization"] = "$token"
