@@ -31,6 +31,8 @@ pub enum Command {
     Tokens(TokensArgs),
     /// Create a dev cluster CA and node certificates for gossip's mutual TLS.
     Certs(crate::certs_cmd::CertsArgs),
+    /// Run the whole cluster of regions/ on this machine (one child process per node).
+    Dev(crate::dev::DevArgs),
 }
 
 #[derive(Debug, Args)]

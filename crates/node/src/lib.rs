@@ -16,6 +16,7 @@ pub mod certs_cmd;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dev;
 pub mod driver;
 mod error;
 pub mod gossip_link;

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
             Command::Flags(args) => client::flags(args).await,
             Command::Tokens(args) => client::tokens(args).await,
             Command::Certs(args) => bunting_node::certs_cmd::run(args),
+            Command::Dev(args) => bunting_node::dev::run(args).await,
         }
     });
     match result {
