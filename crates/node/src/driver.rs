@@ -370,9 +370,13 @@ pub async fn start(
     ready: Arc<AtomicBool>,
     link: Option<Link>,
 ) -> Result<(DriverHandle, tokio::task::JoinHandle<()>), NodeError> {
+    let peers: Vec<String> = link
+        .as_ref()
+        .map(|l| l.gossip.stats().peers.into_keys().map(|p| p.0).collect())
+        .unwrap_or_default();
     let (stored_sets, seqs) = {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || load_all(store.as_ref()))
+        tokio::task::spawn_blocking(move || load_all(store.as_ref(), &peers))
             .await
             .map_err(|e| NodeError::Corrupt(format!("load task failed: {e}")))??
     };
@@ -433,11 +437,19 @@ pub async fn start(
 
 type Loaded = (Vec<StoredFlagSet>, HashMap<String, (u64, u64)>);
 
-fn load_all(store: &dyn Store) -> Result<Loaded, NodeError> {
+/// Loads every flag set, with the stored sync state of each of `peers`, so a reconnect resumes
+/// the sync instead of starting it over.
+fn load_all(store: &dyn Store, peers: &[String]) -> Result<Loaded, NodeError> {
     let mut sets = Vec::new();
     let mut seqs = HashMap::new();
     for name in store.flag_sets()? {
         let loaded = store.load(&name)?;
+        let mut sync_states = Vec::new();
+        for peer in peers {
+            if let Some(state) = store.sync_state(peer, &name)? {
+                sync_states.push((PeerId(peer.clone()), state));
+            }
+        }
         seqs.insert(
             name.clone(),
             (loaded.last_seq(), loaded.changes.len() as u64),
@@ -446,7 +458,7 @@ fn load_all(store: &dyn Store) -> Result<Loaded, NodeError> {
             name,
             snapshot: loaded.snapshot.map(|s| s.bytes),
             changes: loaded.changes.into_iter().map(|c| c.bytes).collect(),
-            sync_states: Vec::new(),
+            sync_states,
         });
     }
     Ok((sets, seqs))
