@@ -122,6 +122,23 @@ impl Link {
     }
 }
 
+/// This node's region and HTTP address as the region files give them (for `bunting serve
+/// --regions DIR --node-id ID` without `--region` / `--http`).
+pub fn node_in_cluster(
+    cluster: &ClusterConfig,
+    node_id: &str,
+) -> Result<(String, std::net::SocketAddr), NodeError> {
+    let map = Cluster::load_dir(&cluster.regions)
+        .map_err(|e| NodeError::Config(format!("cluster: {e}")))?;
+    let (region, spec) = map.node(node_id).ok_or_else(|| {
+        NodeError::Config(format!(
+            "cluster: node {node_id:?} is in no region file under {}",
+            cluster.regions.display()
+        ))
+    })?;
+    Ok((region.to_owned(), spec.http))
+}
+
 /// Starts the transport for `node_id` when a cluster is configured. Must run inside the runtime.
 pub fn start(
     cluster: Option<&ClusterConfig>,

@@ -37,6 +37,8 @@ fn main() -> ExitCode {
 }
 
 fn config_from(args: ServeArgs) -> Result<NodeConfig, NodeError> {
+    let (region_given, http_given) = (args.region.is_some(), args.http.is_some());
+    let from_file = args.config.is_some();
     let mut config = match &args.config {
         Some(path) => NodeConfig::from_file(path)?,
         None => NodeConfig::default(),
@@ -70,6 +72,16 @@ fn config_from(args: ServeArgs) -> Result<NodeConfig, NodeError> {
     if let Some(dir) = args.tls_dir {
         let cluster = config.cluster.get_or_insert_with(Default::default);
         cluster.tls_dir = Some(dir);
+    }
+    // Without a node file, the region files say where this node listens and which region it is in.
+    if let (Some(cluster), false) = (&config.cluster, from_file) {
+        let (region, http) = bunting_node::gossip_link::node_in_cluster(cluster, &config.node_id)?;
+        if !region_given {
+            config.region = region;
+        }
+        if !http_given {
+            config.http = http;
+        }
     }
     config.check().map_err(NodeError::Config)?;
     Ok(config)
