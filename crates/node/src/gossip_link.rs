@@ -42,6 +42,13 @@ impl Default for ClusterConfig {
     }
 }
 
+/// A per-peer metric family: name, help text and how to read it from the transport's stats.
+type PeerFamily = (
+    &'static str,
+    &'static str,
+    fn(&bunting_gossip::PeerStats) -> u64,
+);
+
 /// What node status shows about the links; shared by the driver and the HTTP layer.
 #[derive(Debug)]
 pub struct LinkStatus {
@@ -54,6 +61,69 @@ impl LinkStatus {
     pub(crate) fn synced(&self, peer: PeerId, now_ms: u64) {
         let mut map = self.last_sync_ms.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(peer, now_ms);
+    }
+
+    /// Appends per-peer families to the OpenMetrics text of `/metrics` (peer ids are DNS labels,
+    /// so label values need no escaping).
+    pub fn render_metrics(&self, text: &mut String, now_ms: u64) {
+        use std::fmt::Write;
+        let stats = self.gossip.stats();
+        let synced = self
+            .last_sync_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let gauges: [PeerFamily; 1] = [(
+            "bunting_peer_connected",
+            "Whether the QUIC connection to the peer is up",
+            |s| u64::from(s.connected),
+        )];
+        let counters: [PeerFamily; 5] = [
+            (
+                "bunting_peer_bytes_sent",
+                "Frame bytes sent to the peer",
+                |s| s.bytes_sent,
+            ),
+            (
+                "bunting_peer_bytes_received",
+                "Frame bytes received from the peer",
+                |s| s.bytes_received,
+            ),
+            ("bunting_peer_frames_sent", "Frames sent to the peer", |s| {
+                s.frames_sent
+            }),
+            (
+                "bunting_peer_frames_received",
+                "Frames received from the peer",
+                |s| s.frames_received,
+            ),
+            (
+                "bunting_peer_frames_rejected",
+                "Malformed frames from the peer",
+                |s| s.frames_rejected,
+            ),
+        ];
+        for (name, help, get) in gauges {
+            let _ = writeln!(text, "# TYPE {name} gauge\n# HELP {name} {help}.");
+            for (peer, s) in &stats.peers {
+                let _ = writeln!(text, "{name}{{peer=\"{}\"}} {}", peer.0, get(s));
+            }
+        }
+        for (name, help, get) in counters {
+            let _ = writeln!(text, "# TYPE {name} counter\n# HELP {name} {help}.");
+            for (peer, s) in &stats.peers {
+                let _ = writeln!(text, "{name}_total{{peer=\"{}\"}} {}", peer.0, get(s));
+            }
+        }
+        let name = "bunting_peer_last_sync_age_seconds";
+        let _ = writeln!(
+            text,
+            "# TYPE {name} gauge\n# HELP {name} Seconds since the peer last confirmed it holds our heads."
+        );
+        for (peer, at) in &synced {
+            let age = now_ms.saturating_sub(*at) as f64 / 1000.0;
+            let _ = writeln!(text, "{name}{{peer=\"{}\"}} {age}", peer.0);
+        }
     }
 
     /// Per-peer state as JSON for `GET /api/v1/status`.

@@ -190,6 +190,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         return ApiError::internal("metrics could not be encoded").into_response();
     }
     state.snapshots.counters().render(&mut text);
+    if let Some(gossip) = &state.gossip {
+        gossip.render_metrics(&mut text, crate::driver::now_ms());
+    }
     text.push_str("# EOF\n");
     let mut r = text.into_response();
     r.headers_mut().insert(

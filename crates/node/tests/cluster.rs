@@ -194,4 +194,17 @@ async fn a_flag_written_in_one_region_is_served_in_another() {
         assert!(Instant::now() < deadline, "peers not connected: {status}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let metrics = http
+        .get(format!("{}/metrics", urls[1]))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("bunting_peer_connected{peer=\"east-1\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("bunting_peer_bytes_received_total{peer=\"east-1\"}"));
 }
