@@ -157,7 +157,7 @@ fn spawn_binary(dir: &std::path::Path) -> (Process, String) {
 }
 
 async fn ready(http: &reqwest::Client, url: &str) {
-    for _ in 0..500 {
+    for _ in 0..3000 {
         if let Ok(r) = http.get(format!("{url}/readyz")).send().await {
             if r.status() == 200 {
                 return;

@@ -67,7 +67,7 @@ impl TestNode {
             stop: Some(tx),
             task: Some(task),
         };
-        for _ in 0..500 {
+        for _ in 0..3000 {
             if node.task.as_ref().unwrap().is_finished() {
                 let result = node.task.take().unwrap().await.unwrap();
                 panic!("node stopped while starting: {result:?}");
@@ -83,7 +83,7 @@ impl TestNode {
     }
 
     pub async fn wait_ready(&self) {
-        for _ in 0..500 {
+        for _ in 0..3000 {
             if let Ok(r) = self.http.get(format!("{}/readyz", self.url)).send().await {
                 if r.status() == 200 {
                     return;
