@@ -14,7 +14,7 @@ use clap::Args;
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
-use crate::NodeError;
+use crate::{shutdown_signal, NodeError};
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -267,26 +267,5 @@ async fn stop_all(nodes: &mut [Node]) {
                 println!("{} killed after 10 s", node.id);
             }
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
     }
 }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use bunting_node::cli::{Cli, Command, ServeArgs};
-use bunting_node::{client, serve, NodeConfig, NodeError};
+use bunting_node::{client, serve, shutdown_signal, NodeConfig, NodeError};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -95,25 +95,4 @@ async fn run_serve(args: ServeArgs) -> Result<(), NodeError> {
     // The bound address on stdout lets scripts use port 0.
     println!("listening on http://{}", listener.local_addr()?);
     serve(listener, config, shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
 }
