@@ -22,8 +22,8 @@ pub use doc::{
     FlagSetDoc, HistoryQuery, Identity,
 };
 pub use replica::{
-    Event, Faults, PeerId, PersistId, PersistRequest, Replica, ReplicaConfig, StoredFlagSet,
-    Timestamp, WriteId,
+    Event, Faults, PeerId, PeerSyncStatus, PersistId, PersistRequest, Replica, ReplicaConfig,
+    StoredFlagSet, Timestamp, WriteId,
 };
 
 use bunting_model::Problems;

@@ -135,6 +135,21 @@ pub struct PersistRequest {
     pub sync_states: Vec<(PeerId, Vec<u8>)>,
 }
 
+/// Where replication with one peer stands, for node status and metrics
+/// ([`Replica::peer_sync_status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSyncStatus {
+    pub peer: PeerId,
+    /// Whether the driver has a connection to this peer now.
+    pub connected: bool,
+    /// An estimate of how many changes this node holds (over all flag sets) that the peer is not
+    /// known to have: changes after the heads the peer last told us it holds (or, before it has
+    /// told us anything in this session, after the heads both sides were last known to share).
+    /// 0 when the peer's known heads equal ours; it can over-count until the peer next tells us
+    /// its heads.
+    pub changes_pending: usize,
+}
+
 /// What happened; drained with [`Replica::poll_event`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -300,6 +315,31 @@ impl Replica {
     /// Peers connected now.
     pub fn peers(&self) -> Vec<PeerId> {
         self.connected.iter().cloned().collect()
+    }
+
+    /// Every peer this replica knows (connected now, or synced with before), sorted by id, with
+    /// whether it is connected and how many changes it is not known to have.
+    pub fn peer_sync_status(&self) -> Vec<PeerSyncStatus> {
+        let mut pending: BTreeMap<&PeerId, usize> = self.connected.iter().map(|p| (p, 0)).collect();
+        for set in self.sets.values() {
+            let doc = set.doc.automerge();
+            let heads = set.doc.heads();
+            for (peer, ps) in &set.peers {
+                let count = pending.entry(peer).or_insert(0);
+                let known = known_heads(doc, &ps.state);
+                if known != heads {
+                    *count += changes_after(doc, &known);
+                }
+            }
+        }
+        pending
+            .into_iter()
+            .map(|(peer, changes_pending)| PeerSyncStatus {
+                peer: peer.clone(),
+                connected: self.connected.contains(peer),
+                changes_pending,
+            })
+            .collect()
     }
 
     /// Persist requests the driver has not confirmed yet.
@@ -702,6 +742,36 @@ impl Replica {
                 });
             }
         }
+    }
+}
+
+/// The heads `peer` is known to hold, as far as this document can tell: what it last told us, if
+/// we hold all of it, else the heads both sides were last known to share.
+fn known_heads(doc: &Automerge, state: &sync::State) -> Vec<ChangeHash> {
+    match &state.their_heads {
+        Some(theirs) if theirs.iter().all(|h| has_change(doc, h)) => theirs.clone(),
+        _ => state
+            .shared_heads
+            .iter()
+            .filter(|h| has_change(doc, h))
+            .copied()
+            .collect(),
+    }
+}
+
+/// Whether `doc` holds (has applied) this change; a metadata lookup, no change is rebuilt.
+fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
+    doc.get_change_meta_by_hash(hash).is_some()
+}
+
+/// How many changes of `doc` are not among `known` and their ancestors. With nothing known, the
+/// genesis change (which every replica builds identically) is not counted.
+fn changes_after(doc: &Automerge, known: &[ChangeHash]) -> usize {
+    let count = doc.get_changes_meta(known).len();
+    if known.is_empty() {
+        count.saturating_sub(1)
+    } else {
+        count
     }
 }
 

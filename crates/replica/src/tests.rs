@@ -382,6 +382,34 @@ fn the_planted_drop_without_retry_bug_leaves_a_peer_behind() {
 }
 
 #[test]
+fn peer_sync_status_counts_the_changes_a_peer_is_not_known_to_have() {
+    let mut c = Cluster::new(2);
+    c.settle();
+    let status = c.nodes[0].replica.peer_sync_status();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].peer, PeerId(name(1)));
+    assert!(status[0].connected);
+    assert_eq!(status[0].changes_pending, 0);
+    // Two writes that never arrive: node 0 knows node 1 lacks both.
+    c.write(0, put_flag("a")).unwrap();
+    c.write(0, put_flag("b")).unwrap();
+    c.in_flight.clear();
+    let status = c.nodes[0].replica.peer_sync_status();
+    assert_eq!(status[0].changes_pending, 2);
+    c.nodes[0].replica.remove_peer(&PeerId(name(1)));
+    let status = c.nodes[0].replica.peer_sync_status();
+    assert!(!status[0].connected, "a known peer stays listed while away");
+    c.nodes[0].replica.add_peer(PeerId(name(1)), c.now);
+    c.collect();
+    c.settle();
+    assert!(c.converged());
+    for node in &c.nodes {
+        let status = node.replica.peer_sync_status();
+        assert_eq!(status[0].changes_pending, 0, "{status:?}");
+    }
+}
+
+#[test]
 fn a_restart_takes_a_fresh_actor_and_keeps_persisted_writes() {
     let mut c = Cluster::new(1);
     c.write(0, put_flag("f")).unwrap();
