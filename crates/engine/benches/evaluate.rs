@@ -3,16 +3,26 @@
 //! constraint set, a gradual rollout, a semver constraint) through unleash-yggdrasil.
 //! One criterion group per scenario, so the engines being compared run back to back.
 //!
+//! Like for like: every engine gets the request's context already in its own form, built once
+//! outside the timed loop (Bunting's `EvaluationContext`, datalogic's `ParsedData` with flagd's
+//! `$flagd` enrichment, yggdrasil's `Context`), and per iteration finds the flag by its key and
+//! answers it. For datalogic, which evaluates rules and knows nothing of flags, the `datalogic`
+//! rows do what a flag server built on it must do besides the rule: find the flag by key (the
+//! same fixed-seed hash map Bunting uses), evaluate its rule, and map the result to the variant's
+//! value (or the default variant on null). The `datalogic_rule_only` rows time the rule alone.
+//!
 //! `cargo bench -p bunting-engine`
 
 // A benchmark: a broken fixture should stop it loudly.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::HashMap;
 use std::hint::black_box;
 
 use bunting_engine::{CompileOptions, CompiledFlagSet, EvaluationContext};
 use bunting_model::FlagSet;
 use criterion::{criterion_group, criterion_main, Criterion};
+use foldhash::fast::FixedState;
 use serde_json::{json, Value};
 
 const TARGETING: &str = r#"{"if": [{"and": [
@@ -28,7 +38,8 @@ fn rule(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or(Value::Null)
 }
 
-fn flag_set() -> CompiledFlagSet {
+/// The four single flags and 100 bulk flags; only the bulk flags when `bulk_only`.
+fn flag_set(bulk_only: bool) -> CompiledFlagSet {
     let bool_variants = json!({"on": true, "off": false});
     let mut flags = serde_json::Map::new();
     flags.insert(
@@ -38,6 +49,9 @@ fn flag_set() -> CompiledFlagSet {
     flags.insert("targeting".into(), json!({"state": "ENABLED", "variants": bool_variants, "defaultVariant": "off", "targeting": rule(TARGETING)}));
     flags.insert("fractional".into(), json!({"state": "ENABLED", "variants": {"a": "A", "b": "B", "c": "C"}, "defaultVariant": "a", "targeting": rule(FRACTIONAL)}));
     flags.insert("semver".into(), json!({"state": "ENABLED", "variants": bool_variants, "defaultVariant": "off", "targeting": rule(SEMVER)}));
+    if bulk_only {
+        flags.clear();
+    }
     // 100 more for bulk evaluation: a quarter of each kind.
     for i in 0..100 {
         let (kind, flag) = match i % 4 {
@@ -71,18 +85,101 @@ fn context_json() -> Value {
            "appVersion": "4.10.2", "email": "ann@example.com"})
 }
 
+/// One flag as a flag server built on datalogic-rs would hold it.
+struct DlFlag {
+    /// None for a flag without targeting.
+    rule: Option<datalogic_rs::Logic>,
+    variants: Vec<(String, Value)>,
+    default: usize,
+    /// The request's context with flagd's `$flagd` enrichment for this flag, parsed once outside
+    /// the timed loop (this spares datalogic the per-flag enrichment Bunting does inside it).
+    data: datalogic_rs::ParsedData,
+}
+
 struct Datalogic {
     engine: datalogic_rs::Engine,
     data: datalogic_rs::ParsedData,
     rules: Vec<datalogic_rs::Logic>,
+    /// The same flags as Bunting's set, by key.
+    flags: HashMap<String, DlFlag, FixedState>,
+    /// The 100 bulk flags, in key order.
+    bulk: Vec<(String, DlFlag)>,
+}
+
+impl DlFlag {
+    fn new(engine: &datalogic_rs::Engine, key: &str, kind: usize) -> DlFlag {
+        let bool_variants = || {
+            vec![
+                ("on".to_owned(), json!(true)),
+                ("off".to_owned(), json!(false)),
+            ]
+        };
+        let data = datalogic_data(key);
+        match kind {
+            0 => DlFlag {
+                rule: None,
+                variants: bool_variants(),
+                default: 0,
+                data,
+            },
+            1 => DlFlag {
+                rule: Some(engine.compile(TARGETING).unwrap()),
+                variants: bool_variants(),
+                default: 1,
+                data,
+            },
+            2 => DlFlag {
+                rule: Some(engine.compile(FRACTIONAL).unwrap()),
+                variants: vec![
+                    ("a".to_owned(), json!("A")),
+                    ("b".to_owned(), json!("B")),
+                    ("c".to_owned(), json!("C")),
+                ],
+                default: 0,
+                data,
+            },
+            _ => DlFlag {
+                rule: Some(engine.compile(SEMVER).unwrap()),
+                variants: bool_variants(),
+                default: 1,
+                data,
+            },
+        }
+    }
+
+    /// The flag's value for `data`, as flagd resolves it: the variant the rule names, the
+    /// default on null; None for a result naming no variant (an error).
+    fn resolve<'f>(&'f self, session: &mut datalogic_rs::Session<'_>) -> Option<&'f Value> {
+        let Some(rule) = &self.rule else {
+            return Some(&self.variants[self.default].1);
+        };
+        let found = match session.eval_borrowed(rule, black_box(&self.data)) {
+            Ok(v) if v.is_null() => Some(self.default),
+            Ok(v) => {
+                let name = match v.as_bool() {
+                    Some(true) => Some("true"),
+                    Some(false) => Some("false"),
+                    None => v.as_str(),
+                };
+                name.and_then(|n| self.variants.iter().position(|(k, _)| k == n))
+            }
+            Err(_) => None,
+        };
+        session.reset();
+        found.map(|i| &self.variants[i].1)
+    }
+}
+
+/// The context as datalogic reads it, with flagd's enrichment for `flag_key` given as data.
+fn datalogic_data(flag_key: &str) -> datalogic_rs::ParsedData {
+    let mut data = context_json();
+    data["$flagd"] = json!({"flagKey": flag_key, "timestamp": 1_700_000_000});
+    datalogic_rs::ParsedData::from_json(&data.to_string()).unwrap()
 }
 
 fn datalogic_setup() -> Datalogic {
     let engine = datalogic_rs::Engine::new();
-    let mut data = context_json();
-    // flagd's enrichment, given to datalogic as data.
-    data["$flagd"] = json!({"flagKey": "fractional", "timestamp": 1_700_000_000});
-    let data = datalogic_rs::ParsedData::from_json(&data.to_string()).unwrap();
+    let data = datalogic_data("fractional");
     let rules: Vec<_> = [TARGETING, FRACTIONAL, SEMVER]
         .iter()
         .map(|r| engine.compile(*r).unwrap())
@@ -101,10 +198,32 @@ fn datalogic_setup() -> Datalogic {
             session.reset();
         }
     }
+    let mut flags = HashMap::with_hasher(FixedState::default());
+    for (kind, key) in ["static", "targeting", "fractional", "semver"]
+        .iter()
+        .enumerate()
+    {
+        flags.insert((*key).to_owned(), DlFlag::new(&engine, key, kind));
+    }
+    let kinds = ["static", "targeting", "fractional", "semver"];
+    let mut bulk: Vec<(String, DlFlag)> = (0..100)
+        .map(|i| {
+            let key = format!("bulk-{}-{i:03}", kinds[i % 4]);
+            let flag = DlFlag::new(&engine, &key, i % 4);
+            (key, flag)
+        })
+        .collect();
+    bulk.sort_by(|a, b| a.0.cmp(&b.0));
+    for (key, _) in &bulk {
+        let kind = kinds.iter().position(|k| key.contains(k)).unwrap();
+        flags.insert(key.clone(), DlFlag::new(&engine, key, kind));
+    }
     Datalogic {
         engine,
         data,
         rules,
+        flags,
+        bulk,
     }
 }
 
@@ -155,7 +274,9 @@ fn yggdrasil_setup() -> (
 }
 
 fn scenarios(c: &mut Criterion) {
-    let set = flag_set();
+    let set = flag_set(false);
+    let bulk_set = flag_set(true);
+    assert_eq!(bulk_set.len(), 100);
     let ctx = EvaluationContext::from_value(&context_json(), 1_700_000_000).unwrap_or_default();
     // The benchmarks must measure real matches, not errors or defaults.
     for (key, variant) in [("static", "on"), ("targeting", "on"), ("semver", "on")] {
@@ -166,14 +287,18 @@ fn scenarios(c: &mut Criterion) {
         );
     }
     assert!(set.evaluate("fractional", &ctx).variant.is_some());
-    let bulk: Vec<String> = set
-        .keys()
-        .filter(|k| k.starts_with("bulk-"))
-        .map(str::to_owned)
-        .collect();
-    assert_eq!(bulk.len(), 100);
+    let bulk: Vec<String> = bulk_set.keys().map(str::to_owned).collect();
     let dl = datalogic_setup();
     let mut session = dl.engine.session();
+    // Both engines give the same answers.
+    for key in ["static", "targeting", "fractional", "semver"]
+        .into_iter()
+        .chain(bulk.iter().map(String::as_str))
+    {
+        let want = set.evaluate(key, &ctx).value.map(|v| v.value().clone());
+        let got = dl.flags[key].resolve(&mut session).cloned();
+        assert_eq!(got, want, "{key}");
+    }
     let (ygg, ygg_ctx, ygg_bulk) = yggdrasil_setup();
 
     // Bunting's rows use evaluate_ref, the serving path (the resolution is borrowed from the
@@ -187,6 +312,14 @@ fn scenarios(c: &mut Criterion) {
     });
     g.bench_function("bunting_owned", |b| {
         b.iter(|| set.evaluate(black_box("static"), black_box(&ctx)))
+    });
+    g.bench_function("datalogic", |b| {
+        b.iter(|| {
+            dl.flags
+                .get(black_box("static"))
+                .and_then(|f| f.resolve(&mut session))
+                .is_some()
+        })
     });
     g.finish();
 
@@ -205,6 +338,14 @@ fn scenarios(c: &mut Criterion) {
         });
         g.bench_function("datalogic", |b| {
             b.iter(|| {
+                dl.flags
+                    .get(black_box(key))
+                    .and_then(|f| f.resolve(&mut session))
+                    .is_some()
+            })
+        });
+        g.bench_function("datalogic_rule_only", |b| {
+            b.iter(|| {
                 let r = session
                     .eval_borrowed(black_box(&dl.rules[dl_rule]), black_box(&dl.data))
                     .is_ok();
@@ -218,8 +359,24 @@ fn scenarios(c: &mut Criterion) {
         g.finish();
     }
 
+    // 100 flags, 25 of each kind. `bunting`/`datalogic`: every flag of a 100-flag set, in key
+    // order, collected (OFREP bulk evaluation); `_by_key` rows: the 100 flags found by key.
     let mut g = c.benchmark_group("bulk_100_flags");
     g.bench_function("bunting", |b| {
+        b.iter(|| bulk_set.evaluate_all_ref(black_box(&ctx)))
+    });
+    g.bench_function("bunting_owned", |b| {
+        b.iter(|| bulk_set.evaluate_all(black_box(&ctx)))
+    });
+    g.bench_function("datalogic", |b| {
+        b.iter(|| {
+            dl.bulk
+                .iter()
+                .map(|(k, f)| (k.as_str(), f.resolve(&mut session)))
+                .collect::<Vec<_>>()
+        })
+    });
+    g.bench_function("bunting_by_key", |b| {
         b.iter(|| {
             bulk.iter()
                 .filter(|k| {
@@ -230,21 +387,27 @@ fn scenarios(c: &mut Criterion) {
                 .count()
         })
     });
-    g.bench_function("bunting_evaluate_all_ref_104", |b| {
-        b.iter(|| set.evaluate_all_ref(black_box(&ctx)).len())
+    g.bench_function("datalogic_by_key", |b| {
+        b.iter(|| {
+            bulk.iter()
+                .filter(|k| {
+                    dl.flags
+                        .get(black_box(k.as_str()))
+                        .and_then(|f| f.resolve(&mut session))
+                        .is_some()
+                })
+                .count()
+        })
     });
-    g.bench_function("bunting_evaluate_all_owned_104", |b| {
-        b.iter(|| set.evaluate_all(black_box(&ctx)))
-    });
-    // The same 100-flag mix; static flags need no rule in datalogic, so 75 rules.
-    let dl_bulk: Vec<_> = (0..100)
+    // The 75 rules alone, no flags.
+    let dl_rules: Vec<_> = (0..100)
         .filter(|i| i % 4 != 0)
         .map(|i| &dl.rules[(i % 4) - 1])
         .collect();
-    g.bench_function("datalogic", |b| {
+    g.bench_function("datalogic_rules_only", |b| {
         b.iter(|| {
             let mut n = 0;
-            for rule in &dl_bulk {
+            for rule in &dl_rules {
                 n += usize::from(
                     session
                         .eval_borrowed(black_box(rule), black_box(&dl.data))

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::context::EvaluationContext;
 use crate::resolution::{ErrorCode, Reason, Resolution, SharedValue, TypedResolution};
-use crate::rule::{Env, Rule, Val};
+use crate::rule::{Env, Outcome, Rule, Val};
 
 /// How `fractional` maps a hash to a bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -252,6 +252,16 @@ impl CompiledFlagSet {
         }
     }
 
+    /// [`CompiledFlagSet::evaluate`] with the targeting result looked up by name, never by the
+    /// variant found at compile time: what the fast path must agree with.
+    #[cfg(test)]
+    pub(crate) fn evaluate_by_name(&self, flag_key: &str, ctx: &EvaluationContext) -> Resolution {
+        match self.by_key.get(flag_key, |i| &self.flags[i].key) {
+            Some(i) => self.flags[i].evaluate_by_name(ctx).into_owned(),
+            None => self.evaluate(flag_key, ctx),
+        }
+    }
+
     /// Evaluates every flag, in key order (OFREP bulk evaluation). Disabled and broken flags are
     /// included, with reason DISABLED and ERROR.
     pub fn evaluate_all(&self, ctx: &EvaluationContext) -> Vec<(&str, Resolution)> {
@@ -344,26 +354,33 @@ impl CompiledFlag {
             return Cow::Borrowed(when_static);
         };
         let env = Env::new(&self.key, ctx);
-        let result = rule.evaluate(&env);
-        let found = |name: &str| -> Option<&CompiledVariant> {
-            match index {
-                Some(ix) => ix.get(name).map(|&i| &variants[i]),
-                None => variants.iter().find(|v| crate::val::str_eq(&v.key, name)),
-            }
+        match rule.outcome(&env) {
+            Outcome::Variant(i) => match variants.get(i) {
+                Some(v) => Cow::Borrowed(&v.matched),
+                None => Cow::Borrowed(when_default),
+            },
+            Outcome::Default => Cow::Borrowed(when_default),
+            Outcome::Value(v) => self.by_name(&v, variants, index, when_default),
+        }
+    }
+
+    /// The resolution for a targeting result that names its variant by value.
+    #[inline(never)]
+    fn by_name<'s>(
+        &'s self,
+        result: &Val<'_>,
+        variants: &'s [CompiledVariant],
+        index: &Option<HashMap<Box<str>, usize, FixedState>>,
+        when_default: &'s Resolution,
+    ) -> Cow<'s, Resolution> {
+        let Some(name) = result.variant_key() else {
+            return Cow::Borrowed(when_default);
         };
-        let name_buf;
-        let name: &str = match &result {
-            Val::Null => return Cow::Borrowed(when_default),
-            Val::Str(s) => s,
-            Val::String(s) => s,
-            Val::Bool(true) => "true",
-            Val::Bool(false) => "false",
-            other => {
-                name_buf = other.variant_name();
-                &name_buf
-            }
+        let found = match index {
+            Some(ix) => ix.get(&*name).map(|&i| &variants[i]),
+            None => variants.iter().find(|v| crate::val::str_eq(&v.key, &name)),
         };
-        match found(name) {
+        match found {
             Some(v) => Cow::Borrowed(&v.matched),
             None => Cow::Owned(Resolution::error(
                 ErrorCode::General,
@@ -373,6 +390,24 @@ impl CompiledFlag {
                 ),
                 self.metadata.clone(),
             )),
+        }
+    }
+
+    /// [`CompiledFlag::evaluate`] the long way: the rule's value, looked up by name.
+    #[cfg(test)]
+    fn evaluate_by_name(&self, ctx: &EvaluationContext) -> Cow<'_, Resolution> {
+        match &self.body {
+            Body::Ready {
+                variants,
+                index,
+                when_default,
+                targeting: Some(rule),
+                ..
+            } => {
+                let env = Env::new(&self.key, ctx);
+                self.by_name(&rule.evaluate(&env), variants, index, when_default)
+            }
+            _ => self.evaluate(ctx),
         }
     }
 }
@@ -437,12 +472,15 @@ fn compile_flag(
     };
     let when_static = with_reason(Reason::Static);
     let when_default = with_reason(Reason::Default);
+    let variant_keys: Vec<&str> = variants.iter().map(|v| &*v.key).collect();
     let targeting = match flag.effective_targeting() {
         None => None,
         Some(rule) => Some(
-            Rule::compile(rule, &set.evaluators, options).map_err(|message| {
-                Problem::new(bunting_model::pointer(["flags", key, "targeting"]), message)
-            })?,
+            Rule::compile_for_flag(rule, &set.evaluators, options, &variant_keys).map_err(
+                |message| {
+                    Problem::new(bunting_model::pointer(["flags", key, "targeting"]), message)
+                },
+            )?,
         ),
     };
     let index = (variants.len() > SMALL_VARIANT_COUNT).then(|| {

@@ -6,8 +6,6 @@
 //! operation answer null. The bucketing string is hashed with murmur3_x86_32 (seed 0) over its
 //! UTF-8 bytes.
 
-use std::io::Read;
-
 use serde_json::Value;
 
 use crate::compiled::FractionalBucketing;
@@ -28,30 +26,17 @@ pub(crate) enum BucketKey<'k> {
 
 impl BucketKey<'_> {
     pub(crate) fn hash(&self) -> u32 {
-        let (first, second) = match *self {
-            BucketKey::Given(s) => (s.as_bytes(), &b""[..]),
-            BucketKey::FlagAndTargeting(f, t) => (f.as_bytes(), t.as_bytes()),
-        };
-        // Reading from memory cannot fail.
-        murmur3::murmur3_32(&mut TwoSlices(first, second), 0).unwrap_or(0)
-    }
-}
-
-/// Two byte strings read as one, copying the few bytes the hash asks for at a time inline (a
-/// `Cursor` calls `memcpy` for every 4-byte read).
-struct TwoSlices<'a>(&'a [u8], &'a [u8]);
-
-impl Read for TwoSlices<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.0.is_empty() {
-            std::mem::swap(&mut self.0, &mut self.1);
+        use std::hash::Hasher;
+        match *self {
+            BucketKey::Given(s) => mur3::murmurhash3_x86_32(s.as_bytes(), 0),
+            BucketKey::FlagAndTargeting(f, t) => {
+                // Fed as two slices: the same hash as of the concatenation, without building it.
+                let mut h = mur3::Hasher32::with_seed(0);
+                h.write(f.as_bytes());
+                h.write(t.as_bytes());
+                h.finish32()
+            }
         }
-        let n = buf.len().min(self.0.len());
-        for (dst, src) in buf.iter_mut().zip(&self.0[..n]) {
-            *dst = *src;
-        }
-        self.0 = &self.0[n..];
-        Ok(n)
     }
 }
 
@@ -115,8 +100,18 @@ impl Distribution {
 
     /// The variant `key` falls into; null when every weight is 0.
     pub(crate) fn choose(&self, key: &BucketKey<'_>, bucketing: FractionalBucketing) -> Val<'_> {
+        match self.pick(key, bucketing) {
+            Pick::Variant(i) => self.variants.get(i).map_or(Val::Null, Val::from_json),
+            Pick::NoWeight => Val::Null,
+            // v1 only: a hash of i32::MIN lands past 100%, where flagd's old code answered "".
+            Pick::PastEnd => Val::Str(""),
+        }
+    }
+
+    /// The position of the variant `key` falls into.
+    pub(crate) fn pick(&self, key: &BucketKey<'_>, bucketing: FractionalBucketing) -> Pick {
         if self.total == 0 {
-            return Val::Null;
+            return Pick::NoWeight;
         }
         let hash = key.hash();
         let index = match bucketing {
@@ -138,12 +133,24 @@ impl Distribution {
                 })
             }
         };
-        match index {
-            Some(i) => Val::from_json(&self.variants[i]),
-            // v1 only: a hash of i32::MIN lands past 100%, where flagd's old code answered "".
-            None => Val::Str(""),
-        }
+        index.map_or(Pick::PastEnd, Pick::Variant)
     }
+
+    /// The variants, in the order of the distribution.
+    pub(crate) fn variants(&self) -> &[Value] {
+        &self.variants
+    }
+}
+
+/// Where a bucketing key falls in a distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pick {
+    /// The variant at this position.
+    Variant(usize),
+    /// Every weight is 0: the operation answers null.
+    NoWeight,
+    /// Past the last variant (v1 only, for a hash of `i32::MIN`): flagd's old code answered "".
+    PastEnd,
 }
 
 /// flagd's current ("v2") bucket: the hash scaled to `[0, total)` in exact integer arithmetic.
@@ -167,17 +174,44 @@ mod tests {
 
     #[test]
     fn murmur3_matches_published_x86_32_vectors() {
-        // Vectors from the reference implementation's commonly cited test list (SMHasher).
-        assert_eq!(h("", 0), 0);
-        assert_eq!(h("", 1), 0x514E_28B7);
-        assert_eq!(h("", 0xffff_ffff), 0x81F1_6F39);
-        assert_eq!(h("\0\0\0\0", 0), 0x2362_F9DE);
-        assert_eq!(h("aaaa", 0x9747_b28c), 0x5A97_808A);
-        assert_eq!(h("Hello, world!", 0x9747_b28c), 0x2488_4CBA);
-        assert_eq!(
-            h("The quick brown fox jumps over the lazy dog", 0x9747_b28c),
-            0x2FA8_26CD
-        );
+        // Vectors from the reference implementation's commonly cited test list (SMHasher),
+        // checked on the hash the engine uses and on an independent implementation.
+        let vectors: [(&str, u32, u32); 7] = [
+            ("", 0, 0),
+            ("", 1, 0x514E_28B7),
+            ("", 0xffff_ffff, 0x81F1_6F39),
+            ("\0\0\0\0", 0, 0x2362_F9DE),
+            ("aaaa", 0x9747_b28c, 0x5A97_808A),
+            ("Hello, world!", 0x9747_b28c, 0x2488_4CBA),
+            (
+                "The quick brown fox jumps over the lazy dog",
+                0x9747_b28c,
+                0x2FA8_26CD,
+            ),
+        ];
+        for (text, seed, want) in vectors {
+            assert_eq!(h(text, seed), want, "{text:?}");
+            assert_eq!(
+                mur3::murmurhash3_x86_32(text.as_bytes(), seed),
+                want,
+                "{text:?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn two_slice_hash_equals_the_hash_of_the_joined_string(
+            flag in "\\PC{0,24}",
+            targeting in "\\PC{0,24}",
+        ) {
+            let joined = format!("{flag}{targeting}");
+            proptest::prop_assert_eq!(
+                BucketKey::FlagAndTargeting(&flag, &targeting).hash(),
+                h(&joined, 0)
+            );
+            proptest::prop_assert_eq!(BucketKey::Given(&joined).hash(), h(&joined, 0));
+        }
     }
 
     #[test]

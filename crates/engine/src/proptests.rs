@@ -521,6 +521,51 @@ fn rule() -> impl Strategy<Value = Value> {
     })
 }
 
+/// Targeting rules in the shapes whose results are matched to variants when compiled: literals,
+/// chained `if`s ending in literals or rules, constant `fractional`s; and any rule.
+fn result_shape() -> impl Strategy<Value = Value> {
+    let end = prop_oneof![leaf(), rule()];
+    let dist = prop::collection::vec(
+        (
+            prop_oneof![
+                leaf().prop_filter("a literal", |v| v.get("var").is_none()),
+                Just(json!("z"))
+            ],
+            prop_oneof![Just(None), (-2i64..30).prop_map(|w| Some(json!(w)))],
+        ),
+        1..4,
+    );
+    prop_oneof![
+        (rule(), end.clone(), end.clone()).prop_map(|(c, a, b)| json!({"if": [c, a, b]})),
+        (rule(), end.clone(), rule(), end.clone())
+            .prop_map(|(c, a, c2, b)| json!({"if": [c, a, c2, b]})),
+        (rule(), end.clone(), rule(), end.clone(), end.clone())
+            .prop_map(|(c, a, c2, b, e)| json!({"?:": [c, a, c2, b, e]})),
+        (
+            prop_oneof![
+                Just(None),
+                Just(Some(json!({"var": "a"}))),
+                Just(Some(json!(null))),
+                Just(Some(json!("seed")))
+            ],
+            dist,
+        )
+            .prop_map(|(bucket, dist)| {
+                let mut args: Vec<Value> = bucket.into_iter().collect();
+                for (name, w) in dist {
+                    args.push(match w {
+                        None => json!([name]),
+                        Some(w) => json!([name, w]),
+                    });
+                }
+                json!({"fractional": args})
+            }),
+        (rule(), end.clone())
+            .prop_map(|(c, a)| json!({"if": [c, {"fractional": [[a, 1], ["y", 1]]}, "z"]})),
+        end.prop_map(|e| json!({"if": [true, e]})),
+    ]
+}
+
 fn context() -> impl Strategy<Value = Value> {
     (
         leaf(),
@@ -623,6 +668,31 @@ proptest! {
             });
             let r = compiled.evaluate("f", &ctx);
             prop_assert!(r.is_error() == r.error_code.is_some());
+        }
+    }
+
+    #[test]
+    fn variants_found_at_compile_time_match_the_lookup_by_name(
+        targeting in result_shape(),
+        data in context(),
+        v1 in any::<bool>(),
+    ) {
+        // Variant keys that the generator's literals name, and some they do not.
+        let set_doc = json!({"flags": {"f": {"state": "ENABLED",
+            "variants": {"x": 1, "y": 2, "z": 3, "true": 4, "false": 5, "1": 6, "a": 7, "": 8,
+                         "10": 9, "2": 10, "0.5": 11},
+            "defaultVariant": "x", "targeting": targeting}}});
+        if let Ok(set) = bunting_model::FlagSet::from_value_unvalidated(&set_doc) {
+            let options = CompileOptions {
+                fractional: if v1 { FractionalBucketing::V1 } else { FractionalBucketing::V2 },
+            };
+            let compiled = CompiledFlagSet::compile(&set, &options);
+            let ctx = EvaluationContext::from_value(&data, TIMESTAMP).unwrap();
+            prop_assert_eq!(
+                compiled.evaluate("f", &ctx),
+                compiled.evaluate_by_name("f", &ctx),
+                "targeting {} data {}", targeting, data
+            );
         }
     }
 

@@ -34,8 +34,89 @@ impl<'a> Env<'a> {
 /// A compiled targeting rule.
 #[derive(Debug)]
 pub(crate) struct Rule {
-    root: Node,
+    root: Tail,
     bucketing: FractionalBucketing,
+}
+
+/// What a targeting result means for its flag.
+#[derive(Debug)]
+pub(crate) enum Outcome<'a> {
+    /// The variant at this position of the flag's variants (as given to
+    /// [`Rule::compile_for_flag`]).
+    Variant(usize),
+    /// Null: the default variant is served.
+    Default,
+    /// Any other result, for the flag to look up by name.
+    Value(Val<'a>),
+}
+
+/// The parts of a rule that produce its result, with the literals among them already matched to
+/// the flag's variants, so evaluation ends in an index rather than a name to look up.
+#[derive(Debug)]
+enum Tail {
+    /// A literal naming the variant at this position; the literal is kept for
+    /// [`Rule::evaluate`].
+    Variant(usize, #[cfg_attr(not(test), allow(dead_code))] Value),
+    /// A literal null.
+    Default,
+    /// `if`/`?:`: each condition with what it leads to, then what holds when none does.
+    If(Vec<(Node, Tail)>, Box<Tail>),
+    /// A `fractional` with a constant distribution, and what each of its variants leads to.
+    Fractional(Box<FractionalNode>, Vec<Tail>),
+    /// Anything else: evaluated as a value.
+    Eval(Node),
+}
+
+impl Tail {
+    /// The result part of `node`, matching literals against `variants`.
+    fn new(node: Node, variants: &[&str]) -> Tail {
+        match node {
+            Node::Lit(v) => Tail::literal(v, variants),
+            Node::If(args) => {
+                let mut args = args.into_iter();
+                let mut branches = Vec::new();
+                loop {
+                    match (args.next(), args.next()) {
+                        (Some(cond), Some(then)) => {
+                            branches.push((cond, Tail::new(then, variants)))
+                        }
+                        (Some(last), None) => {
+                            break Tail::If(branches, Box::new(Tail::new(last, variants)))
+                        }
+                        _ => break Tail::If(branches, Box::new(Tail::Default)),
+                    }
+                }
+            }
+            Node::Fractional(f) => {
+                let outcomes = match &f.constant {
+                    Some(ConstantFractional {
+                        distribution: Some(d),
+                        ..
+                    }) => d
+                        .variants()
+                        .iter()
+                        .map(|v| Tail::literal(v.clone(), variants))
+                        .collect(),
+                    _ => return Tail::Eval(Node::Fractional(f)),
+                };
+                Tail::Fractional(f, outcomes)
+            }
+            other => Tail::Eval(other),
+        }
+    }
+
+    /// A literal result: the variant it names (as the flag would look its name up), the
+    /// default for null, else left to be looked up (and reported) at evaluation.
+    fn literal(v: Value, variants: &[&str]) -> Tail {
+        let found = match Val::from_json(&v).variant_key() {
+            None => return Tail::Default,
+            Some(name) => variants.iter().position(|k| *k == name),
+        };
+        match found {
+            Some(i) => Tail::Variant(i, v),
+            None => Tail::Eval(Node::Lit(v)),
+        }
+    }
 }
 
 /// One segment of a `var` path.
@@ -196,10 +277,22 @@ struct SemVerNode {
 impl Rule {
     /// Compiles a rule; `$ref`s are resolved against `evaluators`. Fails on what validation also
     /// refuses (unknown operators, unknown or cyclic `$ref`s, excessive depth).
+    #[cfg(test)]
     pub(crate) fn compile(
         rule: &Value,
         evaluators: &IndexMap<String, Value>,
         options: &CompileOptions,
+    ) -> Result<Rule, String> {
+        Self::compile_for_flag(rule, evaluators, options, &[])
+    }
+
+    /// Compiles the targeting rule of a flag whose variant keys are `variants`, in order: results
+    /// the rule gives as literals are matched to them now (see [`Rule::outcome`]).
+    pub(crate) fn compile_for_flag(
+        rule: &Value,
+        evaluators: &IndexMap<String, Value>,
+        options: &CompileOptions,
+        variants: &[&str],
     ) -> Result<Rule, String> {
         let mut c = Compiler {
             evaluators,
@@ -207,18 +300,30 @@ impl Rule {
             nodes: 0,
         };
         Ok(Rule {
-            root: c.compile(rule, 0)?,
+            root: Tail::new(c.compile(rule, 0)?, variants),
             bucketing: options.fractional,
         })
     }
 
-    /// Evaluates the rule against `env`.
+    /// Evaluates the rule against `env`, to the value it returns.
+    #[cfg(test)]
     pub(crate) fn evaluate<'a>(&'a self, env: &Env<'a>) -> Val<'a> {
         let e = Eval {
             env,
             bucketing: self.bucketing,
         };
-        e.eval(&self.root, Scope::Root)
+        e.eval_tail(&self.root)
+    }
+
+    /// Evaluates the rule against `env`, as what its result means for the flag: the same answer
+    /// as looking [`Rule::evaluate`]'s result up among the variants, found without the lookup
+    /// where the rule names variants by literals.
+    pub(crate) fn outcome<'a>(&'a self, env: &Env<'a>) -> Outcome<'a> {
+        let e = Eval {
+            env,
+            bucketing: self.bucketing,
+        };
+        e.outcome(&self.root)
     }
 }
 
@@ -511,6 +616,72 @@ struct Eval<'e, 'a> {
 }
 
 impl<'a> Eval<'_, 'a> {
+    #[cfg(test)]
+    fn eval_tail(&self, tail: &'a Tail) -> Val<'a> {
+        match tail {
+            Tail::Variant(_, v) => Val::from_json(v),
+            Tail::Default => Val::Null,
+            Tail::If(branches, otherwise) => {
+                for (cond, then) in branches {
+                    if self.truthy(cond, Scope::Root) {
+                        return self.eval_tail(then);
+                    }
+                }
+                self.eval_tail(otherwise)
+            }
+            Tail::Fractional(f, _) => self.fractional(f, Scope::Root),
+            Tail::Eval(node) => self.eval(node, Scope::Root),
+        }
+    }
+
+    fn outcome(&self, tail: &'a Tail) -> Outcome<'a> {
+        match tail {
+            Tail::Variant(i, _) => Outcome::Variant(*i),
+            Tail::Default => Outcome::Default,
+            Tail::If(branches, otherwise) => {
+                for (cond, then) in branches {
+                    if self.truthy(cond, Scope::Root) {
+                        return self.outcome(then);
+                    }
+                }
+                self.outcome(otherwise)
+            }
+            Tail::Fractional(f, outcomes) => self.fractional_outcome(f, outcomes),
+            Tail::Eval(node) => match self.eval(node, Scope::Root) {
+                Val::Null => Outcome::Default,
+                v => Outcome::Value(v),
+            },
+        }
+    }
+
+    /// [`Eval::fractional`] for a constant distribution, ending in the outcome of the variant
+    /// chosen.
+    fn fractional_outcome(&self, f: &'a FractionalNode, outcomes: &'a [Tail]) -> Outcome<'a> {
+        let Some(c) = &f.constant else {
+            return Outcome::Value(self.fractional(f, Scope::Root));
+        };
+        let bucket_val = c.bucket_by.map(|i| self.eval(&f.args[i], Scope::Root));
+        let key = match &bucket_val {
+            Some(v) if v.as_str().is_some() => v.as_str().map(fractional::BucketKey::Given),
+            Some(Val::Null) | None => self.default_bucket_key(),
+            Some(v) if v.array_len().is_some() => {
+                return Outcome::Value(self.fractional_generic(f, Scope::Root))
+            }
+            Some(_) => return Outcome::Default,
+        };
+        let (Some(key), Some(dist)) = (key, &c.distribution) else {
+            return Outcome::Default;
+        };
+        match dist.pick(&key, self.bucketing) {
+            fractional::Pick::Variant(i) => match outcomes.get(i) {
+                Some(t) => self.outcome(t),
+                None => Outcome::Default,
+            },
+            fractional::Pick::NoWeight => Outcome::Default,
+            fractional::Pick::PastEnd => Outcome::Value(Val::Str("")),
+        }
+    }
+
     fn eval(&self, node: &'a Node, scope: Scope<'_, 'a>) -> Val<'a> {
         match node {
             Node::Lit(v) => Val::from_json(v),

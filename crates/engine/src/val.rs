@@ -26,18 +26,37 @@ pub(crate) enum Val<'a> {
     Owned(Rc<Value>),
 }
 
-/// String equality for the short keys and values rules compare: inline for up to 16 bytes, where
-/// a call to `memcmp` costs more than the comparison.
+/// String equality for the short keys and values rules compare: up to 16 bytes compared as two
+/// overlapping words, where a call to `memcmp` or a byte loop costs more than the comparison.
 #[inline]
 pub(crate) fn str_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
+    let n = a.len();
+    if n != b.len() {
         return false;
     }
-    if a.len() > 16 {
-        return a == b;
+    match n {
+        0 => true,
+        // Bytes 0, n/2 and n-1 cover every byte of a string this short.
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => word4(a, 0) == word4(b, 0) && word4(a, n - 4) == word4(b, n - 4),
+        8..=16 => word8(a, 0) == word8(b, 0) && word8(a, n - 8) == word8(b, n - 8),
+        _ => a == b,
     }
-    a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+#[inline(always)]
+fn word4(s: &[u8], at: usize) -> u32 {
+    let mut w = [0; 4];
+    w.copy_from_slice(&s[at..at + 4]);
+    u32::from_ne_bytes(w)
+}
+
+#[inline(always)]
+fn word8(s: &[u8], at: usize) -> u64 {
+    let mut w = [0; 8];
+    w.copy_from_slice(&s[at..at + 8]);
+    u64::from_ne_bytes(w)
 }
 
 /// A value as JavaScript's ToPrimitive leaves it.
@@ -247,6 +266,19 @@ impl<'a> Val<'a> {
             Val::Owned(v) => (**v).clone(),
             Val::Array(items) => Value::Array(items.iter().map(Val::to_value).collect()),
         }
+    }
+
+    /// The variant key a targeting result names: a string as it is, booleans as `true`/`false`,
+    /// anything else by [`Val::variant_name`]; `None` for null (the default variant).
+    pub(crate) fn variant_key(&self) -> Option<std::borrow::Cow<'_, str>> {
+        Some(match self {
+            Val::Null => return None,
+            Val::Str(s) => (*s).into(),
+            Val::String(s) => s.as_str().into(),
+            Val::Bool(true) => "true".into(),
+            Val::Bool(false) => "false".into(),
+            other => other.variant_name().into(),
+        })
     }
 
     /// The variant key a targeting result names, as flagd derives it: the result's JSON text with
@@ -556,6 +588,24 @@ mod tests {
         assert!(!Val::Str("").truthy());
         assert!(Val::Str("0").truthy());
         assert!(!Val::Num(f64::NAN).truthy());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn word_wise_string_equality_equals_byte_equality(
+            a in "[ab\\x{e9}]{0,20}",
+            flip in 0usize..20,
+        ) {
+            // Same-length pairs that differ in one byte, and equal pairs, of every short length.
+            let b: String = a
+                .chars()
+                .enumerate()
+                .map(|(i, c)| if i == flip && c == 'a' { 'b' } else { c })
+                .collect();
+            proptest::prop_assert_eq!(str_eq(&a, &b), a == b);
+            proptest::prop_assert!(str_eq(&a, &a.clone()));
+            proptest::prop_assert_eq!(str_eq(&a, "abab"), a == "abab");
+        }
     }
 
     #[test]
