@@ -521,6 +521,44 @@ fn rule() -> impl Strategy<Value = Value> {
     })
 }
 
+/// Conditions in the shapes compiled into specialised nodes (an attribute against a literal, in a
+/// literal list, as a version), combined with `and`, `or` and `!`.
+fn condition() -> impl Strategy<Value = Value> {
+    let attr = prop::sample::select(vec!["a", "b", "ver", "xs", "nope", "targetingKey"]);
+    let lit = leaf().prop_filter("a literal", |v| v.get("var").is_none());
+    let cmp = prop::sample::select(vec!["==", "===", "!=", "!==", "<", "<=", ">", ">="]);
+    let leaf_cond = prop_oneof![
+        (attr.clone(), cmp, lit, any::<bool>()).prop_map(|(a, op, lit, var_first)| {
+            if var_first {
+                json!({ op: [{"var": a}, lit] })
+            } else {
+                json!({ op: [lit, {"var": a}] })
+            }
+        }),
+        (
+            attr.clone(),
+            prop::collection::vec(
+                prop::sample::select(vec!["", "a", "1", "x.y", "1.2.3", "v2.0", "ab"]),
+                0..4
+            )
+        )
+            .prop_map(|(a, list)| json!({"in": [{"var": a}, list]})),
+        (
+            attr,
+            prop::sample::select(vec!["=", "!=", "<", "<=", ">", ">=", "^", "~", "=>"]),
+            prop::sample::select(vec!["1.2.3", "v2", "1.2", "2.0.0-rc.1", "bad", "1.10.0"]),
+        )
+            .prop_map(|(a, op, t)| json!({"sem_ver": [{"var": a}, op, t]})),
+    ];
+    leaf_cond.prop_recursive(3, 16, 3, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..3).prop_map(|cs| json!({ "and": cs })),
+            prop::collection::vec(inner.clone(), 0..3).prop_map(|cs| json!({ "or": cs })),
+            inner.clone().prop_map(|c| json!({ "!": [c] })),
+        ]
+    })
+}
+
 /// Targeting rules in the shapes whose results are matched to variants when compiled: literals,
 /// chained `if`s ending in literals or rules, constant `fractional`s; and any rule.
 fn result_shape() -> impl Strategy<Value = Value> {
@@ -669,6 +707,18 @@ proptest! {
             let r = compiled.evaluate("f", &ctx);
             prop_assert!(r.is_error() == r.error_code.is_some());
         }
+    }
+
+    #[test]
+    fn specialised_conditions_agree_with_direct_interpretation(
+        cond in condition(),
+        data in context(),
+    ) {
+        let ctx = EvaluationContext::from_value(&data, TIMESTAMP).unwrap();
+        let root = ctx.to_data(FLAG);
+        let rule = json!({"if": [cond, "yes", "no"]});
+        let want = reference(&rule, &root, &root);
+        prop_assert_eq!(compiled_eval(&rule, &ctx), want, "rule {} data {}", rule, data);
     }
 
     #[test]

@@ -60,7 +60,7 @@ enum Tail {
     /// A literal null.
     Default,
     /// `if`/`?:`: each condition with what it leads to, then what holds when none does.
-    If(Vec<(Node, Tail)>, Box<Tail>),
+    If(Vec<(Cond, Tail)>, Box<Tail>),
     /// A `fractional` with a constant distribution, and what each of its variants leads to.
     Fractional(Box<FractionalNode>, Vec<Tail>),
     /// Anything else: evaluated as a value.
@@ -78,7 +78,7 @@ impl Tail {
                 loop {
                     match (args.next(), args.next()) {
                         (Some(cond), Some(then)) => {
-                            branches.push((cond, Tail::new(then, variants)))
+                            branches.push((Cond::new(cond), Tail::new(then, variants)))
                         }
                         (Some(last), None) => {
                             break Tail::If(branches, Box::new(Tail::new(last, variants)))
@@ -146,6 +146,16 @@ enum Root {
 struct Path {
     segs: Vec<Seg>,
     root: Root,
+}
+
+impl Path {
+    /// The attribute's name when the path is one attribute of the context, nothing below it.
+    fn attribute_key(&self) -> Option<&str> {
+        match (&self.root, &*self.segs) {
+            (Root::Attr, [only]) => Some(&only.key),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +282,96 @@ struct SemVerNode {
     args: Vec<Node>,
     /// Parsed when the operator and target version are literals: `None` inside when invalid.
     constant: Option<Option<(SemverOp, OwnedVersion)>>,
+}
+
+/// A condition of an `if` read at the top of the data, in the shapes targeting rules use most,
+/// each with its operands prepared: an attribute compared with a literal, looked up in a literal
+/// list, or compared as a version. Evaluates to the truthiness of the node it was made from.
+#[derive(Debug)]
+enum Cond {
+    /// `and`, non-empty: every condition holds.
+    All(Box<[Cond]>),
+    /// `or`: some condition holds.
+    Any(Box<[Cond]>),
+    /// `!` of its first argument.
+    Not(Box<Cond>),
+    /// A comparison of an attribute with a string literal.
+    AttrStr(Box<AttrCmp<Box<str>>>),
+    /// A comparison of an attribute with a number literal.
+    AttrNum(Box<AttrCmp<f64>>),
+    /// `in` with an attribute and a literal list of strings.
+    AttrIn(Box<str>, Box<StringSet>),
+    /// `sem_ver` of an attribute with a literal operator and version.
+    AttrSemVer(Box<(Box<str>, SemverOp, OwnedVersion)>),
+    /// Anything else.
+    Node(Node),
+}
+
+#[derive(Debug)]
+struct AttrCmp<L> {
+    /// The attribute's name (a one-segment `var` path read at the top).
+    key: Box<str>,
+    op: Op,
+    lit: L,
+    /// Whether the attribute is the left operand.
+    var_first: bool,
+}
+
+impl Cond {
+    fn new(node: Node) -> Cond {
+        match node {
+            Node::And(args) if !args.is_empty() => {
+                Cond::All(args.into_iter().map(Cond::new).collect())
+            }
+            Node::Or(args) => Cond::Any(args.into_iter().map(Cond::new).collect()),
+            Node::Op(Op::Not, args) if !args.is_empty() => match args.into_iter().next() {
+                Some(first) => Cond::Not(Box::new(Cond::new(first))),
+                None => Cond::Node(Node::Lit(Value::Bool(true))),
+            },
+            Node::CmpVarLit(c) => match (c.path.attribute_key(), &c.lit) {
+                (Some(key), Value::String(lit)) => Cond::AttrStr(Box::new(AttrCmp {
+                    key: key.into(),
+                    op: c.op,
+                    lit: lit.as_str().into(),
+                    var_first: c.var_first,
+                })),
+                (Some(key), Value::Number(n)) => match n.as_f64() {
+                    Some(lit) => Cond::AttrNum(Box::new(AttrCmp {
+                        key: key.into(),
+                        op: c.op,
+                        lit,
+                        var_first: c.var_first,
+                    })),
+                    None => Cond::Node(Node::CmpVarLit(c)),
+                },
+                _ => Cond::Node(Node::CmpVarLit(c)),
+            },
+            Node::InStrings(needle, set) => match &*needle {
+                Node::Var {
+                    path,
+                    default: None,
+                } => match path.attribute_key() {
+                    Some(key) => Cond::AttrIn(key.into(), set),
+                    None => Cond::Node(Node::InStrings(needle, set)),
+                },
+                _ => Cond::Node(Node::InStrings(needle, set)),
+            },
+            Node::SemVer(sv) => match (&sv.constant, sv.args.first()) {
+                (
+                    Some(Some((op, target))),
+                    Some(Node::Var {
+                        path,
+                        default: None,
+                    }),
+                ) if sv.args.len() == 3 => match path.attribute_key() {
+                    Some(key) => Cond::AttrSemVer(Box::new((key.into(), *op, target.clone()))),
+                    None => Cond::Node(Node::SemVer(sv)),
+                },
+                _ => Cond::Node(Node::SemVer(sv)),
+            },
+            other => Cond::Node(other),
+        }
+    }
 }
 
 impl Rule {
@@ -623,7 +723,7 @@ impl<'a> Eval<'_, 'a> {
             Tail::Default => Val::Null,
             Tail::If(branches, otherwise) => {
                 for (cond, then) in branches {
-                    if self.truthy(cond, Scope::Root) {
+                    if self.cond(cond) {
                         return self.eval_tail(then);
                     }
                 }
@@ -640,7 +740,7 @@ impl<'a> Eval<'_, 'a> {
             Tail::Default => Outcome::Default,
             Tail::If(branches, otherwise) => {
                 for (cond, then) in branches {
-                    if self.truthy(cond, Scope::Root) {
+                    if self.cond(cond) {
                         return self.outcome(then);
                     }
                 }
@@ -813,23 +913,63 @@ impl<'a> Eval<'_, 'a> {
             }
         }
         let var = self.lookup(&c.path, scope).unwrap_or(Val::Null);
-        let lit = Val::from_json(&c.lit);
-        let (a, b) = if c.var_first {
-            (&var, &lit)
-        } else {
-            (&lit, &var)
-        };
-        match c.op {
-            Op::Eq => a.loose_eq(b),
-            Op::Ne => !a.loose_eq(b),
-            Op::StrictEq => a.strict_eq(b),
-            Op::StrictNe => !a.strict_eq(b),
-            Op::Lt => a.less_than(b) == Some(true),
-            Op::Le => b.less_than(a) == Some(false),
-            Op::Gt => b.less_than(a) == Some(true),
-            Op::Ge => a.less_than(b) == Some(false),
-            // Only comparisons are compiled into this node.
-            _ => false,
+        compare_vals(c.op, c.var_first, &var, &Val::from_json(&c.lit))
+    }
+
+    /// A condition's truthiness.
+    fn cond(&self, c: &'a Cond) -> bool {
+        match c {
+            Cond::All(cs) => cs.iter().all(|c| self.cond(c)),
+            Cond::Any(cs) => cs.iter().any(|c| self.cond(c)),
+            Cond::Not(c) => !self.cond(c),
+            Cond::AttrStr(c) => {
+                let found = attribute(self.env.ctx, &c.key);
+                if let Some(Value::String(a)) = found {
+                    let (a, b) = if c.var_first {
+                        (a.as_str(), &*c.lit)
+                    } else {
+                        (&*c.lit, a.as_str())
+                    };
+                    match c.op {
+                        Op::Eq | Op::StrictEq => return str_eq(a, b),
+                        Op::Ne | Op::StrictNe => return !str_eq(a, b),
+                        op => {
+                            if let Some(r) = compare_same(op, a.cmp(b)) {
+                                return r;
+                            }
+                        }
+                    }
+                }
+                attr_cmp_generic(c.op, c.var_first, found, &Val::Str(&c.lit))
+            }
+            Cond::AttrNum(c) => {
+                let found = attribute(self.env.ctx, &c.key);
+                if let Some(Value::Number(n)) = found {
+                    if let Some(a) = n.as_f64() {
+                        let (a, b) = if c.var_first { (a, c.lit) } else { (c.lit, a) };
+                        if let Some(ord) = a.partial_cmp(&b) {
+                            if let Some(r) = compare_same(c.op, ord) {
+                                return r;
+                            }
+                        }
+                    }
+                }
+                attr_cmp_generic(c.op, c.var_first, found, &Val::Num(c.lit))
+            }
+            Cond::AttrIn(key, set) => {
+                // Every element is a string, so only a string can be strictly equal to one.
+                matches!(attribute(self.env.ctx, key), Some(Value::String(s)) if set.contains(s))
+            }
+            Cond::AttrSemVer(sv) => {
+                let (key, op, target) = &**sv;
+                let actual = match attribute(self.env.ctx, key) {
+                    Some(Value::String(s)) => Version::normalize_and_parse(s),
+                    found => return sem_ver_generic(found, *op, target),
+                };
+                // An unparsable version makes the operation null, so false.
+                actual.is_some_and(|v| op.apply(&v, &target.view()))
+            }
+            Cond::Node(node) => self.truthy(node, Scope::Root),
         }
     }
 
@@ -1291,6 +1431,40 @@ impl<'a> Eval<'_, 'a> {
         };
         Val::Bool(result)
     }
+}
+
+/// A comparison operation on two values, with JavaScript's coercions; the variable first or not.
+fn compare_vals(op: Op, var_first: bool, var: &Val<'_>, lit: &Val<'_>) -> bool {
+    let (a, b) = if var_first { (var, lit) } else { (lit, var) };
+    match op {
+        Op::Eq => a.loose_eq(b),
+        Op::Ne => !a.loose_eq(b),
+        Op::StrictEq => a.strict_eq(b),
+        Op::StrictNe => !a.strict_eq(b),
+        Op::Lt => a.less_than(b) == Some(true),
+        Op::Le => b.less_than(a) == Some(false),
+        Op::Gt => b.less_than(a) == Some(true),
+        Op::Ge => a.less_than(b) == Some(false),
+        // Only comparisons are compiled into comparison nodes.
+        _ => false,
+    }
+}
+
+/// A comparison of an attribute (absent: null) with a literal, the long way.
+#[inline(never)]
+fn attr_cmp_generic(op: Op, var_first: bool, found: Option<&Value>, lit: &Val<'_>) -> bool {
+    let var = found.map_or(Val::Null, Val::from_json);
+    compare_vals(op, var_first, &var, lit)
+}
+
+/// `sem_ver` of an attribute that is not a string (absent: null), the long way.
+#[inline(never)]
+fn sem_ver_generic(found: Option<&Value>, op: SemverOp, target: &OwnedVersion) -> bool {
+    let actual = found.map_or(Val::Null, Val::from_json);
+    let Some(text) = version_text(&actual) else {
+        return false;
+    };
+    Version::normalize_and_parse(&text).is_some_and(|v| op.apply(&v, &target.view()))
 }
 
 /// A comparison of two values of one type (both strings or both non-NaN numbers), given their
