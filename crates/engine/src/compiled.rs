@@ -90,48 +90,37 @@ pub struct CompiledFlagSet {
 
 const SMALL_VARIANT_COUNT: usize = 16;
 
-/// Flag key → position, keyed by the key's hash so a lookup hashes once and compares one key
-/// without a `memcmp` call. Keys whose hashes collide (vanishingly rare) go to `collided`.
+/// Flag key → position: an open-addressed table of key hashes, at most half full, probed
+/// linearly; a hash match is confirmed by comparing the key, so keys whose hashes collide still
+/// each find their own position.
 #[derive(Debug)]
 struct KeyIndex {
-    by_hash: HashMap<u64, usize, FixedState>,
-    collided: HashMap<Box<str>, usize, FixedState>,
+    /// `(hash, position + 1)`; 0 marks an empty slot. The length is a power of two.
+    slots: Box<[(u64, u32)]>,
     /// The key hash; a parameter so tests can force collisions.
     hash: fn(&str) -> u64,
 }
 
 impl KeyIndex {
-    /// Marks a hash shared by several keys in `by_hash`.
-    const SHARED: usize = usize::MAX;
-
     fn new<'k>(keys: impl Iterator<Item = &'k str>) -> KeyIndex {
         Self::with_hash(keys, Self::hash)
     }
 
     fn with_hash<'k>(keys: impl Iterator<Item = &'k str>, hash: fn(&str) -> u64) -> KeyIndex {
-        let mut index = KeyIndex {
-            by_hash: HashMap::with_hasher(FixedState::default()),
-            collided: HashMap::with_hasher(FixedState::default()),
-            hash,
-        };
         let keys: Vec<&str> = keys.collect();
-        for (i, key) in keys.iter().enumerate() {
+        let len = (keys.len() * 2).next_power_of_two().max(2);
+        let mut slots = vec![(0u64, 0u32); len].into_boxed_slice();
+        let mask = len - 1;
+        // A flag set holds far fewer than u32::MAX flags (the model's limit).
+        for (i, key) in keys.iter().enumerate().take(u32::MAX as usize - 1) {
             let h = hash(key);
-            match index.by_hash.get(&h).copied() {
-                None => {
-                    index.by_hash.insert(h, i);
-                }
-                Some(Self::SHARED) => {
-                    index.collided.insert(Box::from(*key), i);
-                }
-                Some(j) => {
-                    index.by_hash.insert(h, Self::SHARED);
-                    index.collided.insert(Box::from(keys[j]), j);
-                    index.collided.insert(Box::from(*key), i);
-                }
+            let mut at = h as usize & mask;
+            while slots[at].1 != 0 {
+                at = (at + 1) & mask;
             }
+            slots[at] = (h, i as u32 + 1);
         }
-        index
+        KeyIndex { slots, hash }
     }
 
     fn hash(key: &str) -> u64 {
@@ -140,10 +129,22 @@ impl KeyIndex {
     }
 
     /// The position of `key`; `key_at` gives the key stored at a position, to confirm a match.
+    #[inline]
     fn get<'s>(&self, key: &str, key_at: impl Fn(usize) -> &'s str) -> Option<usize> {
-        match self.by_hash.get(&(self.hash)(key)).copied()? {
-            Self::SHARED => self.collided.get(key).copied(),
-            i => crate::val::str_eq(key_at(i), key).then_some(i),
+        let h = (self.hash)(key);
+        let mask = self.slots.len() - 1;
+        let mut at = h as usize & mask;
+        // The table is at most half full, so an empty slot ends every probe.
+        loop {
+            let &(slot_hash, pos) = self.slots.get(at)?;
+            if pos == 0 {
+                return None;
+            }
+            let i = pos as usize - 1;
+            if slot_hash == h && crate::val::str_eq(key_at(i), key) {
+                return Some(i);
+            }
+            at = (at + 1) & mask;
         }
     }
 }

@@ -774,6 +774,7 @@ impl<'a> Eval<'_, 'a> {
         };
         match dist.pick(&key, self.bucketing) {
             fractional::Pick::Variant(i) => match outcomes.get(i) {
+                Some(Tail::Variant(v, _)) => Outcome::Variant(*v),
                 Some(t) => self.outcome(t),
                 None => Outcome::Default,
             },
