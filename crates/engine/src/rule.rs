@@ -920,9 +920,19 @@ impl<'a> Eval<'_, 'a> {
     /// A condition's truthiness.
     fn cond(&self, c: &'a Cond) -> bool {
         match c {
-            Cond::All(cs) => cs.iter().all(|c| self.cond(c)),
-            Cond::Any(cs) => cs.iter().any(|c| self.cond(c)),
-            Cond::Not(c) => !self.cond(c),
+            // The members are evaluated in place: one call for the whole `and`, not one each.
+            Cond::All(cs) => cs.iter().all(|c| self.cond_inline(c)),
+            Cond::Any(cs) => cs.iter().any(|c| self.cond_inline(c)),
+            Cond::Not(c) => !self.cond_inline(c),
+            other => self.cond_inline(other),
+        }
+    }
+
+    /// [`Eval::cond`] with the comparisons of attributes inlined into the caller.
+    #[inline(always)]
+    fn cond_inline(&self, c: &'a Cond) -> bool {
+        match c {
+            Cond::All(_) | Cond::Any(_) | Cond::Not(_) => self.cond(c),
             Cond::AttrStr(c) => {
                 let found = attribute(self.env.ctx, &c.key);
                 if let Some(Value::String(a)) = found {
