@@ -9,7 +9,9 @@
 //! [[node]]
 //! id = "us-east-1"            # stable node id; also the DNS name in the node's certificate
 //! http = "127.0.0.11:8080"    # OFREP, admin API, metrics
-//! gossip = "127.0.0.11:7070"  # QUIC (UDP) between nodes
+//! gossip = "127.0.0.11:7070"  # QUIC (UDP) between nodes: where this node listens
+//! # dial = "127.0.0.11:7071"  # optional: where peers send to reach it (a relay, a NAT, a load
+//! #                           # balancer's address); `gossip` when absent
 //! ```
 //!
 //! Names (regions and node ids) are DNS labels. Node ids, HTTP addresses and gossip addresses are
@@ -42,6 +44,17 @@ pub struct NodeSpec {
     pub http: SocketAddr,
     /// Where the node accepts gossip (QUIC over UDP).
     pub gossip: SocketAddr,
+    /// Where peers dial this node, when that is not `gossip` (a relay or NAT in front of it;
+    /// the end-to-end tests put a UDP relay there to cut and heal links).
+    #[serde(default)]
+    pub dial: Option<SocketAddr>,
+}
+
+impl NodeSpec {
+    /// The address peers dial: `dial` when given, else `gossip`.
+    pub fn dial_addr(&self) -> SocketAddr {
+        self.dial.unwrap_or(self.gossip)
+    }
 }
 
 /// One region: its name and nodes (sorted by id).
@@ -69,6 +82,7 @@ impl Region {
 pub struct Peer {
     pub id: PeerId,
     pub region: String,
+    /// The address to dial it at ([`NodeSpec::dial_addr`]).
     pub gossip: SocketAddr,
 }
 
@@ -144,7 +158,13 @@ impl Cluster {
                 if !ids.insert(node.id.clone()) {
                     return Err(Error::Config(format!("node id {:?} twice", node.id)));
                 }
-                for (what, addr) in [("http", node.http), ("gossip", node.gossip)] {
+                let dial = node.dial.filter(|d| *d != node.gossip);
+                let named = [
+                    ("http", Some(node.http)),
+                    ("gossip", Some(node.gossip)),
+                    ("dial", dial),
+                ];
+                for (what, addr) in named.into_iter().filter_map(|(w, a)| Some((w, a?))) {
                     if !addrs.insert(addr) {
                         return Err(Error::Config(format!(
                             "node {:?}: {what} address {addr} is used twice",
@@ -193,7 +213,7 @@ impl Cluster {
             .map(|(region, node)| Peer {
                 id: PeerId(node.id.clone()),
                 region: (*region).to_owned(),
-                gossip: node.gossip,
+                gossip: node.dial_addr(),
             })
             .collect();
         peers.sort_by(|a, b| a.id.cmp(&b.id));
@@ -239,6 +259,7 @@ mod tests {
                     id: format!("{name}-{i}"),
                     http: format!("127.0.{ip}.{i}:8080").parse().unwrap(),
                     gossip: format!("127.0.{ip}.{i}:7070").parse().unwrap(),
+                    dial: None,
                 })
                 .collect(),
         }
@@ -344,6 +365,33 @@ mod tests {
         let b = Cluster::new(b).unwrap();
         assert_eq!(a.links(1), b.links(1));
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn peers_dial_a_node_at_its_dial_address_when_one_is_given() {
+        let text = r#"
+            region = "eu-west"
+            [[node]]
+            id = "eu-west-1"
+            http = "127.0.0.21:8080"
+            gossip = "127.0.0.21:7070"
+            dial = "127.0.0.21:7071"
+            [[node]]
+            id = "eu-west-2"
+            http = "127.0.0.22:8080"
+            gossip = "127.0.0.22:7070"
+        "#;
+        let cluster = Cluster::new(vec![Region::parse(text, "eu-west.toml").unwrap()]).unwrap();
+        let peers = cluster.peers_of("eu-west-2", 2).unwrap();
+        assert_eq!(peers[0].gossip, "127.0.0.21:7071".parse().unwrap());
+        let peers = cluster.peers_of("eu-west-1", 2).unwrap();
+        assert_eq!(peers[0].gossip, "127.0.0.22:7070".parse().unwrap());
+        let clash = text.replace("127.0.0.21:7071", "127.0.0.22:7070");
+        let region = Region::parse(&clash, "eu-west.toml").unwrap();
+        assert!(
+            Cluster::new(vec![region]).is_err(),
+            "dial address used twice"
+        );
     }
 
     #[test]

@@ -5,10 +5,13 @@
 //! Point a node's peer address at [`Relay::local_addr`]; the relay forwards every datagram to the
 //! target and the answers back. QUIC does not mind: the target sees the relay's address as the
 //! client's. For a link that both ends may dial, put one relay in front of each end.
+//!
+//! [`Relay::block`] drops datagrams from and to chosen client addresses only, so one relay in
+//! front of each node can cut some of its peers off (a region) while the others still reach it.
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -37,12 +40,22 @@ struct Control {
     delay_us: AtomicU64,
     forwarded: AtomicU64,
     dropped: AtomicU64,
+    /// Client IPs whose datagrams (both ways) are dropped.
+    blocked: Mutex<BTreeSet<IpAddr>>,
+    /// Client IPs whose datagrams (both ways) get their own delay instead of `delay_us`.
+    delays_us: Mutex<HashMap<IpAddr, u64>>,
 }
 
 impl Control {
-    /// Whether to pass a datagram on, counting it either way.
-    fn admit(&self) -> bool {
-        if self.paused.load(Ordering::Relaxed) {
+    /// Whether to pass a datagram from or to `client` on, counting it either way.
+    fn admit(&self, client: IpAddr) -> bool {
+        let blocked = || {
+            self.blocked
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&client)
+        };
+        if self.paused.load(Ordering::Relaxed) || blocked() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             false
         } else {
@@ -51,8 +64,15 @@ impl Control {
         }
     }
 
-    fn deadline(&self) -> Instant {
-        Instant::now() + Duration::from_micros(self.delay_us.load(Ordering::Relaxed))
+    fn deadline(&self, client: IpAddr) -> Instant {
+        let own = self
+            .delays_us
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&client)
+            .copied();
+        let us = own.unwrap_or_else(|| self.delay_us.load(Ordering::Relaxed));
+        Instant::now() + Duration::from_micros(us)
     }
 }
 
@@ -90,13 +110,43 @@ impl Relay {
         self.control.paused.store(false, Ordering::Relaxed);
     }
 
+    /// Drops every datagram from and to clients at `ips` (both directions) until
+    /// [`Relay::unblock_all`]; other clients still get through.
+    pub fn block(&self, ips: impl IntoIterator<Item = IpAddr>) {
+        self.control
+            .blocked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(ips);
+    }
+
+    /// Forwards datagrams of every client again (a pause stays in force).
+    pub fn unblock_all(&self) {
+        self.control
+            .blocked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     /// Delays every datagram by `delay` in each direction (order is kept).
     pub fn set_delay(&self, delay: Duration) {
         let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
         self.control.delay_us.store(us, Ordering::Relaxed);
     }
 
-    /// Datagrams forwarded and dropped (while paused) so far.
+    /// Delays datagrams from and to clients at `ips` by `delay` in each direction, instead of
+    /// the delay of [`Relay::set_delay`]: e.g. only the peers in other regions.
+    pub fn set_delay_for(&self, ips: impl IntoIterator<Item = IpAddr>, delay: Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.control
+            .delays_us
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(ips.into_iter().map(|ip| (ip, us)));
+    }
+
+    /// Datagrams forwarded and dropped (while paused or blocked) so far.
     pub fn counts(&self) -> (u64, u64) {
         (
             self.control.forwarded.load(Ordering::Relaxed),
@@ -159,7 +209,7 @@ async fn front_loop(
         let Ok((n, client)) = front.recv_from(&mut buf).await else {
             continue;
         };
-        if !control.admit() {
+        if !control.admit(client.ip()) {
             continue;
         }
         let queue = match clients.entry(client) {
@@ -173,7 +223,7 @@ async fn front_loop(
                 entry.insert(queue)
             }
         };
-        let _ = queue.send((control.deadline(), buf[..n].to_vec()));
+        let _ = queue.send((control.deadline(client.ip()), buf[..n].to_vec()));
     }
 }
 
@@ -193,8 +243,8 @@ async fn open_client(
     let task = tokio::spawn(async move {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         while let Ok((n, _)) = back.recv_from(&mut buf).await {
-            let datagram = (control.deadline(), buf[..n].to_vec());
-            if control.admit() && to_client.send(datagram).is_err() {
+            let datagram = (control.deadline(client.ip()), buf[..n].to_vec());
+            if control.admit(client.ip()) && to_client.send(datagram).is_err() {
                 return;
             }
         }
@@ -241,5 +291,33 @@ mod tests {
             "a datagram sent while paused got through"
         );
         assert_eq!(relay.counts(), (3, 1));
+    }
+
+    #[tokio::test]
+    async fn a_blocked_client_is_cut_off_while_others_get_through() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let relay = Relay::start("127.0.0.1:0".parse().unwrap(), server.local_addr().unwrap())
+            .await
+            .unwrap();
+        let cut = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        let kept = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = [0u8; 16];
+        relay.block(["127.0.0.2".parse().unwrap()]);
+        cut.send_to(b"cut", relay.local_addr()).await.unwrap();
+        kept.send_to(b"kept", relay.local_addr()).await.unwrap();
+        let (n, _) = server.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"kept", "the blocked client got through");
+        while relay.counts().1 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        relay.unblock_all();
+        cut.send_to(b"healed", relay.local_addr()).await.unwrap();
+        let (n, _) = server.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"healed");
+        assert_eq!(
+            relay.counts(),
+            (2, 1),
+            "forwarded kept and healed, dropped cut"
+        );
     }
 }

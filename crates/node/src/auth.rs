@@ -61,6 +61,8 @@ pub const ALL_FLAG_SETS: &str = "*";
 
 /// Token id of the token given by `BUNTING_ADMIN_TOKEN`.
 pub const BOOTSTRAP_TOKEN_ID: &str = "bootstrap-admin";
+/// The id of the SDK key given by `BUNTING_SDK_KEY`.
+pub const BOOTSTRAP_SDK_TOKEN_ID: &str = "bootstrap-sdk";
 
 /// A token as stored (JSON in the store's token record); never contains the secret.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -232,6 +234,22 @@ impl Tokens {
             sha256: hex::encode(sha256(secret)),
             scopes: vec![Scope::Admin],
             flag_sets: vec![ALL_FLAG_SETS.into()],
+            created_ms: now_ms,
+            revoked_ms: None,
+        })?;
+        self.reindex()
+    }
+
+    /// Stores the bootstrap SDK key: evaluate scope on the flag set `default` (replacing an
+    /// earlier one). Blocking.
+    pub fn bootstrap_sdk(&self, secret: &str, now_ms: u64) -> Result<(), NodeError> {
+        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.put(&TokenRecord {
+            id: BOOTSTRAP_SDK_TOKEN_ID.into(),
+            name: "bootstrap SDK key (BUNTING_SDK_KEY)".into(),
+            sha256: hex::encode(sha256(secret)),
+            scopes: vec![Scope::Evaluate],
+            flag_sets: vec![crate::driver::DEFAULT_FLAG_SET.into()],
             created_ms: now_ms,
             revoked_ms: None,
         })?;
@@ -422,6 +440,26 @@ mod tests {
         assert!(reloaded
             .authorize(&h, None, Scope::Evaluate, Some("prod"))
             .is_err());
+    }
+
+    #[test]
+    fn the_bootstrap_sdk_key_evaluates_default_and_nothing_more() {
+        let tokens = Tokens::load(Arc::new(MemoryStore::new()), 100, 100).unwrap();
+        tokens.bootstrap_sdk("same-on-every-node", 0).unwrap();
+        let h = headers("authorization", "Bearer same-on-every-node");
+        let p = tokens
+            .authorize(&h, None, Scope::Evaluate, Some("default"))
+            .ok()
+            .unwrap();
+        assert_eq!(&*p.token_id, BOOTSTRAP_SDK_TOKEN_ID);
+        assert!(tokens
+            .authorize(&h, None, Scope::Evaluate, Some("staging"))
+            .is_err());
+        assert!(tokens.authorize(&h, None, Scope::Read, None).is_err());
+        // Given again (every start), it replaces itself rather than piling up records.
+        tokens.bootstrap_sdk("rotated", 1).unwrap();
+        assert!(tokens.authorize(&h, None, Scope::Evaluate, None).is_err());
+        assert_eq!(tokens.list().unwrap().len(), 1);
     }
 
     #[test]

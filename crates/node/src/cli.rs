@@ -70,6 +70,14 @@ pub struct ServeArgs {
     /// Directory with ca.pem, node.pem, node.key (default: <data-dir>/tls).
     #[arg(long, env = "BUNTING_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// Milliseconds without hearing from any peer after which the node reports itself stale
+    /// (default 60000; overrides the file's `[cluster] stale_after_ms`).
+    #[arg(long, env = "BUNTING_STALE_AFTER_MS")]
+    pub stale_after_ms: Option<u64>,
+    /// A bootstrap SDK key (evaluate scope, flag set `default`), like the admin token; `bunting
+    /// dev` gives every node the same one, so one key works on every node.
+    #[arg(long, env = "BUNTING_SDK_KEY", hide_env_values = true)]
+    pub sdk_key: Option<String>,
 }
 
 /// Where the admin CLI sends its requests.

@@ -38,6 +38,11 @@ pub struct NodeConfig {
     /// stored hashed under the token id `bootstrap-admin`, replacing any earlier bootstrap token.
     #[serde(skip)]
     pub admin_token: Option<String>,
+    /// A token with the evaluate scope on the flag set `default` (from `BUNTING_SDK_KEY`); stored
+    /// hashed under the token id `bootstrap-sdk`, replacing any earlier one. `bunting dev` gives
+    /// every node the same key.
+    #[serde(skip)]
+    pub sdk_key: Option<String>,
     pub limits: LimitsConfig,
     pub telemetry: TelemetryConfig,
     /// The cluster this node gossips with; alone when absent.
@@ -85,6 +90,7 @@ impl Default for NodeConfig {
             store: StoreBackend::Redb,
             flags_file: None,
             admin_token: None,
+            sdk_key: None,
             limits: LimitsConfig::default(),
             telemetry: TelemetryConfig::default(),
             cluster: None,

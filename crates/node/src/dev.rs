@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use bunting_gossip::cluster::Cluster;
 use clap::Args;
-use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
 use crate::{shutdown_signal, NodeError};
@@ -50,7 +49,14 @@ pub async fn run(args: DevArgs) -> Result<(), NodeError> {
         bunting_gossip::certs::init_ca(&ca_dir).map_err(config_error)?;
         println!("created a dev CA in {}", ca_dir.display());
     }
-    let admin_token = admin_token(&args.data_dir)?;
+    let admin_token = secret(
+        &args.data_dir,
+        "BUNTING_ADMIN_TOKEN",
+        "admin-token",
+        "bnt_dev_",
+    )?;
+    // Tokens are stored per node, so every node is given the same SDK key at start.
+    let sdk_key = secret(&args.data_dir, "BUNTING_SDK_KEY", "sdk-key", "bnt_sdk_dev_")?;
     let exe = std::env::current_exe()?;
     let mut nodes: Vec<Node> = Vec::new();
     let specs: Vec<(String, String, std::net::SocketAddr)> = cluster
@@ -74,7 +80,7 @@ pub async fn run(args: DevArgs) -> Result<(), NodeError> {
             region,
             id,
             *http,
-            &admin_token,
+            (&admin_token, &sdk_key),
             i == 0,
         ) {
             Ok(child) => nodes.push(Node {
@@ -89,7 +95,7 @@ pub async fn run(args: DevArgs) -> Result<(), NodeError> {
         }
     }
     if result.is_ok() {
-        result = announce(&nodes, &admin_token, &args).await;
+        result = announce(&nodes, &admin_token, &sdk_key, &args).await;
     }
     if result.is_ok() {
         tokio::select! {
@@ -103,14 +109,15 @@ pub async fn run(args: DevArgs) -> Result<(), NodeError> {
     result
 }
 
-/// The bootstrap admin token: `BUNTING_ADMIN_TOKEN`, or the one kept in the data dir, or a new one.
-fn admin_token(data_dir: &Path) -> Result<String, NodeError> {
-    if let Ok(t) = std::env::var("BUNTING_ADMIN_TOKEN") {
+/// A secret every node is given (the admin token, the SDK key): from the environment variable
+/// `env`, or the one kept in the data dir's `file`, or a new random one kept there.
+fn secret(data_dir: &Path, env: &str, file: &str, prefix: &str) -> Result<String, NodeError> {
+    if let Ok(t) = std::env::var(env) {
         if !t.is_empty() {
             return Ok(t);
         }
     }
-    let path = data_dir.join("admin-token");
+    let path = data_dir.join(file);
     if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_owned();
         if !t.is_empty() {
@@ -119,7 +126,7 @@ fn admin_token(data_dir: &Path) -> Result<String, NodeError> {
     }
     let mut random = [0u8; 24];
     getrandom::fill(&mut random).map_err(|e| config_error(format!("no randomness: {e}")))?;
-    let token = format!("bnt_dev_{}", hex::encode(random));
+    let token = format!("{prefix}{}", hex::encode(random));
     std::fs::write(&path, &token)?;
     Ok(token)
 }
@@ -132,7 +139,7 @@ fn spawn_node(
     region: &str,
     id: &str,
     http: std::net::SocketAddr,
-    admin_token: &str,
+    (admin_token, sdk_key): (&str, &str),
     load_flags: bool,
 ) -> Result<Child, NodeError> {
     std::fs::create_dir_all(node_dir)?;
@@ -158,6 +165,7 @@ fn spawn_node(
         .arg("--tls-dir")
         .arg(node_dir.join("tls"))
         .env("BUNTING_ADMIN_TOKEN", admin_token)
+        .env("BUNTING_SDK_KEY", sdk_key)
         .env_remove("BUNTING_CONFIG")
         .env_remove("BUNTING_FLAGS")
         .stdin(Stdio::null())
@@ -173,8 +181,13 @@ fn spawn_node(
         .map_err(|e| config_error(format!("starting {id}: {e}")))
 }
 
-/// Waits for every node to be ready, creates one SDK key per node and prints the cluster.
-async fn announce(nodes: &[Node], admin_token: &str, args: &DevArgs) -> Result<(), NodeError> {
+/// Waits for every node to be ready and prints the cluster.
+async fn announce(
+    nodes: &[Node],
+    admin_token: &str,
+    sdk_key: &str,
+    args: &DevArgs,
+) -> Result<(), NodeError> {
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     for node in nodes {
@@ -201,37 +214,15 @@ async fn announce(nodes: &[Node], admin_token: &str, args: &DevArgs) -> Result<(
     println!();
     println!("Bunting dev cluster: {} nodes", nodes.len());
     println!("admin token: {admin_token}  (valid on every node)");
-    // Tokens are kept per node for now (DESIGN.md §10 replicates them later): one SDK key each.
+    println!("sdk key:     {sdk_key}  (valid on every node; flag set default)");
     for node in nodes {
-        let key = sdk_key(&http, &node.url, admin_token).await?;
-        println!("  {:<12} {}  sdk key: {key}", node.id, node.url);
+        println!("  {:<12} {}", node.id, node.url);
     }
     println!("logs and data: {}", args.data_dir.display());
-    println!("try: curl -s -X POST -H 'Authorization: Bearer <sdk key>' -H 'Content-Type: application/json' -d '{{\"context\":{{}}}}' <url>/ofrep/v1/evaluate/flags");
+    let first = nodes.first().map(|n| n.url.as_str()).unwrap_or("<url>");
+    println!("try: curl -s -X POST -H 'Authorization: Bearer {sdk_key}' -H 'Content-Type: application/json' -d '{{\"context\":{{}}}}' {first}/ofrep/v1/evaluate/flags");
     println!("Ctrl-C stops the cluster.");
     Ok(())
-}
-
-async fn sdk_key(
-    http: &reqwest::Client,
-    url: &str,
-    admin_token: &str,
-) -> Result<String, NodeError> {
-    let response = http
-        .post(format!("{url}/api/v1/tokens"))
-        .bearer_auth(admin_token)
-        .json(&json!({"name": "dev sdk key", "scopes": ["evaluate"], "flagSets": ["default"]}))
-        .send()
-        .await
-        .map_err(|e| config_error(format!("{url}: {e}")))?;
-    let body: Value = response
-        .json()
-        .await
-        .map_err(|e| config_error(format!("{url}: {e}")))?;
-    body.get("token")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| config_error(format!("{url}: no token in {body}")))
 }
 
 /// The first child to exit, with its exit status.

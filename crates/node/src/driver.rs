@@ -780,6 +780,9 @@ impl Driver {
     fn on_gossip(&mut self, event: bunting_gossip::GossipEvent) {
         use bunting_gossip::GossipEvent;
         let now = Timestamp(now_ms());
+        if let Some(link) = &self.link {
+            link.status.heard(&event, now.0);
+        }
         match event {
             GossipEvent::Connected(peer) => {
                 tracing::info!(peer = %peer.0, "peer connected");

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bunting_gossip::cluster::{Cluster, DEFAULT_LINKS_PER_REGION};
@@ -30,7 +31,14 @@ pub struct ClusterConfig {
     pub tls_dir: Option<PathBuf>,
     /// Links this node keeps to every other region (full mesh inside its own region).
     pub links_per_region: usize,
+    /// A node that has peers but no connection to any of them and no frame from any for this
+    /// long is stale: it keeps serving, and says so on `/readyz`, in node status and in OFREP
+    /// metadata (`bunting.stale`), because its answers may lag the rest of the cluster.
+    pub stale_after_ms: u64,
 }
+
+/// Default for [`ClusterConfig::stale_after_ms`]: one minute.
+pub const DEFAULT_STALE_AFTER_MS: u64 = 60_000;
 
 impl Default for ClusterConfig {
     fn default() -> Self {
@@ -38,6 +46,7 @@ impl Default for ClusterConfig {
             regions: PathBuf::from("regions"),
             tls_dir: None,
             links_per_region: DEFAULT_LINKS_PER_REGION,
+            stale_after_ms: DEFAULT_STALE_AFTER_MS,
         }
     }
 }
@@ -55,12 +64,48 @@ pub struct LinkStatus {
     gossip: Gossip,
     /// Wall-clock ms of the last `PeerSynced` per peer (the replica reports it, not the transport).
     last_sync_ms: Mutex<BTreeMap<PeerId, u64>>,
+    /// Whether any peer is configured; a node alone is never stale.
+    has_peers: bool,
+    stale_after_ms: u64,
+    /// Peers connected now (the driver counts `Connected` / `Disconnected` events). A connected
+    /// peer has been heard from lately: QUIC keep-alives close a silent connection.
+    connected: AtomicUsize,
+    /// Wall-clock ms this node last heard from any peer (a frame, a connection coming or going);
+    /// the start time until then.
+    last_heard_ms: AtomicU64,
 }
 
 impl LinkStatus {
     pub(crate) fn synced(&self, peer: PeerId, now_ms: u64) {
         let mut map = self.last_sync_ms.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(peer, now_ms);
+    }
+
+    /// Notes a transport event for the staleness check.
+    pub(crate) fn heard(&self, event: &GossipEvent, now_ms: u64) {
+        match event {
+            GossipEvent::Connected(_) => {
+                self.connected.fetch_add(1, Ordering::AcqRel);
+            }
+            GossipEvent::Disconnected(_) => {
+                let _ = self
+                    .connected
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            }
+            GossipEvent::Frame { .. } => {}
+        }
+        self.last_heard_ms.fetch_max(now_ms, Ordering::AcqRel);
+    }
+
+    /// `Some(ms since this node last heard from a peer)` when the node is stale (see
+    /// [`ClusterConfig::stale_after_ms`]). Cheap while a peer is connected: one atomic load.
+    pub fn stale_for_ms(&self) -> Option<u64> {
+        if !self.has_peers || self.connected.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let silent =
+            crate::driver::now_ms().saturating_sub(self.last_heard_ms.load(Ordering::Acquire));
+        (silent >= self.stale_after_ms).then_some(silent)
     }
 
     /// Appends per-peer families to the OpenMetrics text of `/metrics` (peer ids are DNS labels,
@@ -124,6 +169,12 @@ impl LinkStatus {
             let age = now_ms.saturating_sub(*at) as f64 / 1000.0;
             let _ = writeln!(text, "{name}{{peer=\"{}\"}} {age}", peer.0);
         }
+        let name = "bunting_stale";
+        let _ = writeln!(
+            text,
+            "# TYPE {name} gauge\n# HELP {name} Whether this node has heard from no peer for stale_after_ms.\n{name} {}",
+            u8::from(self.stale_for_ms().is_some())
+        );
     }
 
     /// Per-peer state as JSON for `GET /api/v1/status`.
@@ -158,9 +209,14 @@ impl LinkStatus {
                 })
             })
             .collect();
+        let stale_for_ms = self.stale_for_ms();
         json!({
             "node": self.gossip.node().0,
             "gossipAddr": self.gossip.local_addr().ok().map(|a| a.to_string()),
+            "stale": stale_for_ms.is_some(),
+            "staleForMs": stale_for_ms,
+            "staleAfterMs": self.stale_after_ms,
+            "lastHeardFromPeerUnixMs": self.last_heard_ms.load(Ordering::Acquire),
             "peers": peers,
             "handshakesFailed": stats.handshakes_failed,
             "unknownPeersRefused": stats.unknown_peers_refused,
@@ -227,12 +283,13 @@ pub fn start(
         ))
     })?;
     let gossip_addr = me.gossip;
-    let peers = map
+    let peers: Vec<(PeerId, std::net::SocketAddr)> = map
         .peers_of(node_id, cluster.links_per_region)
         .map_err(err)?
         .into_iter()
         .map(|p| (p.id, p.gossip))
         .collect();
+    let has_peers = !peers.is_empty();
     let tls_dir = cluster
         .tls_dir
         .clone()
@@ -248,6 +305,10 @@ pub fn start(
     let status = Arc::new(LinkStatus {
         gossip: gossip.clone(),
         last_sync_ms: Mutex::new(BTreeMap::new()),
+        has_peers,
+        stale_after_ms: cluster.stale_after_ms,
+        connected: AtomicUsize::new(0),
+        last_heard_ms: AtomicU64::new(crate::driver::now_ms()),
     });
     Ok(Some(Link {
         gossip,

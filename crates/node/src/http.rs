@@ -55,6 +55,12 @@ impl AppState {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
+
+    /// `Some(ms since a peer was last heard from)` while this node is stale (it has peers and has
+    /// heard from none for the configured time); `None` otherwise and for a node alone.
+    pub fn stale_for_ms(&self) -> Option<u64> {
+        self.gossip.as_ref().and_then(|g| g.stale_for_ms())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -174,9 +180,19 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// 200 once loaded. A stale node is still ready (it serves what it has), but says so in the
+/// body and in `Bunting-Stale: true`, so a load balancer or operator can tell.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.is_ready() {
-        (StatusCode::OK, "ready").into_response()
+        match state.stale_for_ms() {
+            None => (StatusCode::OK, "ready").into_response(),
+            Some(ms) => (
+                StatusCode::OK,
+                [("bunting-stale", "true")],
+                format!("stale: ready, but no peer heard from for {} s", ms / 1000),
+            )
+                .into_response(),
+        }
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response()
     }

@@ -58,6 +58,7 @@ pub async fn serve(
         let store = store.clone();
         let limits = config.limits.clone();
         let admin = config.admin_token.clone();
+        let sdk = config.sdk_key.clone();
         tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
             let incarnation = store.next_incarnation()?;
             let tokens = auth::Tokens::load(
@@ -67,6 +68,9 @@ pub async fn serve(
             )?;
             if let Some(secret) = admin.filter(|s| !s.is_empty()) {
                 tokens.bootstrap(&secret, driver::now_ms())?;
+            }
+            if let Some(secret) = sdk.filter(|s| !s.is_empty()) {
+                tokens.bootstrap_sdk(&secret, driver::now_ms())?;
             }
             Ok((tokens, incarnation))
         })

@@ -65,6 +65,7 @@ fn config_from(args: ServeArgs) -> Result<NodeConfig, NodeError> {
         config.telemetry.otlp_endpoint = Some(v);
     }
     config.admin_token = args.admin_token;
+    config.sdk_key = args.sdk_key;
     if let Some(regions) = args.regions {
         let cluster = config.cluster.get_or_insert_with(Default::default);
         cluster.regions = regions;
@@ -72,6 +73,9 @@ fn config_from(args: ServeArgs) -> Result<NodeConfig, NodeError> {
     if let Some(dir) = args.tls_dir {
         let cluster = config.cluster.get_or_insert_with(Default::default);
         cluster.tls_dir = Some(dir);
+    }
+    if let (Some(cluster), Some(ms)) = (config.cluster.as_mut(), args.stale_after_ms) {
+        cluster.stale_after_ms = ms;
     }
     // Without a node file, the region files say where this node listens and which region it is in.
     if let (Some(cluster), false) = (&config.cluster, from_file) {

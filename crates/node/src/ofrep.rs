@@ -221,9 +221,27 @@ fn push_str(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
+/// The metadata key that marks an answer from a stale node (one that has heard from no peer for
+/// the configured time, so it may lag the rest of the cluster).
+pub const STALE_METADATA_KEY: &str = "bunting.stale";
+
+/// Writes a metadata object, with `"bunting.stale": true` first when `stale`.
+fn write_metadata(out: &mut Vec<u8>, metadata: &Map<String, Value>, stale: bool) {
+    let start = out.len();
+    let _ = serde_json::to_writer(&mut *out, metadata);
+    if stale && out.get(start) == Some(&b'{') {
+        let empty = out.len() == start + 2;
+        let marker = format!(
+            "{{\"{STALE_METADATA_KEY}\":true{}",
+            if empty { "" } else { "," }
+        );
+        out.splice(start..start + 1, marker.bytes());
+    }
+}
+
 /// Writes one resolution in OFREP's shape: success `{key, value?, variant?, reason, metadata}`,
 /// failure `{key, errorCode, errorDetails, metadata}`.
-fn write_resolution(out: &mut Vec<u8>, key: &str, r: &Resolution) {
+fn write_resolution(out: &mut Vec<u8>, key: &str, r: &Resolution, stale: bool) {
     out.extend_from_slice(b"{\"key\":");
     push_str(out, key);
     if let Some(code) = r.error_code {
@@ -248,7 +266,7 @@ fn write_resolution(out: &mut Vec<u8>, key: &str, r: &Resolution) {
         out.push(b'"');
     }
     out.extend_from_slice(b",\"metadata\":");
-    let _ = serde_json::to_writer(&mut *out, &*r.metadata);
+    write_metadata(out, &r.metadata, stale);
     out.push(b'}');
 }
 
@@ -289,7 +307,7 @@ pub async fn evaluate_flag(
         Some(_) => StatusCode::BAD_REQUEST,
     };
     let mut out = Vec::with_capacity(256);
-    write_resolution(&mut out, &key, &r);
+    write_resolution(&mut out, &key, &r, state.stale_for_ms().is_some());
     json_response(status, out)
 }
 
@@ -325,6 +343,7 @@ pub async fn evaluate_all(
         }
     }
     let results = snapshot.compiled.evaluate_all(&prepared.context);
+    let stale = state.stale_for_ms().is_some();
     let mut out = Vec::with_capacity(64 + results.len() * 160);
     out.extend_from_slice(b"{\"flags\":[");
     for (i, (key, r)) in results.iter().enumerate() {
@@ -335,10 +354,10 @@ pub async fn evaluate_all(
         if state.trace_evaluations {
             trace_evaluation(&snapshot.name, key, r);
         }
-        write_resolution(&mut out, key, r);
+        write_resolution(&mut out, key, r, false);
     }
     out.extend_from_slice(b"],\"metadata\":");
-    let _ = serde_json::to_writer(&mut out, snapshot.compiled.metadata());
+    write_metadata(&mut out, snapshot.compiled.metadata(), stale);
     let key = crate::auth::presented_token(&headers).unwrap_or_default();
     let stream = event_stream_uri(&snapshot.name, key);
     out.extend_from_slice(b",\"eventStreams\":");
@@ -416,6 +435,21 @@ mod tests {
         assert_eq!(err.body["errorCode"], "PARSE_ERROR");
         let ctx = parse_context(br#"{"context": {"targetingKey": "u1", "a": 1}}"#, None).unwrap();
         assert_eq!(ctx.targeting_key.as_deref(), Some("u1"));
+    }
+
+    #[test]
+    fn a_stale_answer_carries_the_marker_in_its_metadata() {
+        let mut out = Vec::new();
+        let owner = json!({"owner": "growth"}).as_object().unwrap().clone();
+        write_metadata(&mut out, &Map::new(), true);
+        assert_eq!(String::from_utf8_lossy(&out), r#"{"bunting.stale":true}"#);
+        out.clear();
+        write_metadata(&mut out, &owner, true);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, json!({"bunting.stale": true, "owner": "growth"}));
+        out.clear();
+        write_metadata(&mut out, &owner, false);
+        assert_eq!(String::from_utf8_lossy(&out), r#"{"owner":"growth"}"#);
     }
 
     #[test]
