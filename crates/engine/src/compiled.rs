@@ -97,8 +97,6 @@ const SMALL_VARIANT_COUNT: usize = 16;
 struct KeyIndex {
     /// `(hash, position + 1)`; 0 marks an empty slot. The length is a power of two.
     slots: Box<[(u64, u32)]>,
-    /// The key hash; a parameter so tests can force collisions.
-    hash: fn(&str) -> u64,
 }
 
 impl KeyIndex {
@@ -106,6 +104,7 @@ impl KeyIndex {
         Self::with_hash(keys, Self::hash)
     }
 
+    /// The table with keys hashed by `hash` (tests use it to force collisions).
     fn with_hash<'k>(keys: impl Iterator<Item = &'k str>, hash: fn(&str) -> u64) -> KeyIndex {
         let keys: Vec<&str> = keys.collect();
         let len = (keys.len() * 2).next_power_of_two().max(2);
@@ -120,9 +119,10 @@ impl KeyIndex {
             }
             slots[at] = (h, i as u32 + 1);
         }
-        KeyIndex { slots, hash }
+        KeyIndex { slots }
     }
 
+    #[inline]
     fn hash(key: &str) -> u64 {
         use std::hash::BuildHasher;
         FixedState::default().hash_one(key)
@@ -131,7 +131,17 @@ impl KeyIndex {
     /// The position of `key`; `key_at` gives the key stored at a position, to confirm a match.
     #[inline]
     fn get<'s>(&self, key: &str, key_at: impl Fn(usize) -> &'s str) -> Option<usize> {
-        let h = (self.hash)(key);
+        self.get_hashed(Self::hash(key), key, key_at)
+    }
+
+    /// [`KeyIndex::get`] for a key whose hash (as the table was built with) is `h`.
+    #[inline]
+    fn get_hashed<'s>(
+        &self,
+        h: u64,
+        key: &str,
+        key_at: impl Fn(usize) -> &'s str,
+    ) -> Option<usize> {
         let mask = self.slots.len() - 1;
         let mut at = h as usize & mask;
         // The table is at most half full, so an empty slot ends every probe.
@@ -245,12 +255,19 @@ impl CompiledFlagSet {
     pub fn evaluate_ref(&self, flag_key: &str, ctx: &EvaluationContext) -> Cow<'_, Resolution> {
         match self.by_key.get(flag_key, |i| &self.flags[i].key) {
             Some(i) => self.flags[i].evaluate(ctx),
-            None => Cow::Owned(Resolution::error(
-                ErrorCode::FlagNotFound,
-                format!("flag {flag_key:?} is not in this flag set"),
-                self.set_metadata.clone(),
-            )),
+            None => Cow::Owned(self.not_found(flag_key)),
         }
+    }
+
+    /// FLAG_NOT_FOUND for `flag_key`; out of line, so the found path stays short.
+    #[cold]
+    #[inline(never)]
+    fn not_found(&self, flag_key: &str) -> Resolution {
+        Resolution::error(
+            ErrorCode::FlagNotFound,
+            format!("flag {flag_key:?} is not in this flag set"),
+            self.set_metadata.clone(),
+        )
     }
 
     /// [`CompiledFlagSet::evaluate`] with the targeting result looked up by name, never by the
@@ -339,6 +356,7 @@ impl CompiledFlagSet {
 }
 
 impl CompiledFlag {
+    #[inline]
     fn evaluate(&self, ctx: &EvaluationContext) -> Cow<'_, Resolution> {
         let (variants, index, when_static, when_default, targeting) = match &self.body {
             Body::Fixed(r) => return Cow::Borrowed(r),
@@ -539,12 +557,14 @@ mod tests {
         let all_same = KeyIndex::with_hash(keys.iter().map(String::as_str), |_| 7);
         let some_same =
             KeyIndex::with_hash(keys.iter().map(String::as_str), |k| (k.len() % 2) as u64);
-        for index in [normal, all_same, some_same] {
+        let hashes: [fn(&str) -> u64; 3] = [KeyIndex::hash, |_| 7, |k| (k.len() % 2) as u64];
+        for (index, hash) in [normal, all_same, some_same].iter().zip(hashes) {
             for (i, k) in keys.iter().enumerate() {
-                assert_eq!(index.get(k, |j| &keys[j]), Some(i), "{k}");
+                assert_eq!(index.get_hashed(hash(k), k, |j| &keys[j]), Some(i), "{k}");
             }
-            assert_eq!(index.get("flag-50", |j| &keys[j]), None);
-            assert_eq!(index.get("", |j| &keys[j]), None);
+            for absent in ["flag-50", ""] {
+                assert_eq!(index.get_hashed(hash(absent), absent, |j| &keys[j]), None);
+            }
         }
     }
 }

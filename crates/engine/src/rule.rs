@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::compiled::{CompileOptions, FractionalBucketing};
 use crate::context::{flagd_properties, EvaluationContext};
 use crate::fractional::{self, Distribution};
-use crate::semver::{version_text, OwnedVersion, SemverOp, Version};
+use crate::semver::{version_text, OwnedVersion, Release, SemverOp, Version};
 pub(crate) use crate::val::Val;
 use crate::val::{canonical_index, lookup_json, str_eq};
 
@@ -974,7 +974,12 @@ impl<'a> Eval<'_, 'a> {
             Cond::AttrSemVer(sv) => {
                 let (key, op, target) = &**sv;
                 let actual = match attribute(self.env.ctx, key) {
-                    Some(Value::String(s)) => Version::normalize_and_parse(s),
+                    Some(Value::String(s)) => {
+                        if let (Some(a), Some(b)) = (Release::parse(s), target.release()) {
+                            return op.apply_release(a, b);
+                        }
+                        Version::normalize_and_parse(s)
+                    }
                     found => return sem_ver_generic(found, *op, target),
                 };
                 // An unparsable version makes the operation null, so false.

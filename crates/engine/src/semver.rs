@@ -29,12 +29,64 @@ pub(crate) struct OwnedVersion {
     minor: Box<str>,
     patch: Box<str>,
     pre: Box<str>,
+    /// The same version as a [`Release`], when it is one.
+    release: Option<Release>,
 }
 
 impl OwnedVersion {
     pub(crate) fn view(&self) -> Version<'_> {
         Version::new(&self.major, &self.minor, &self.patch, &self.pre)
     }
+
+    pub(crate) fn release(&self) -> Option<Release> {
+        self.release
+    }
+}
+
+/// A release version (no prerelease, no build metadata) as its three numbers, each of at most 18
+/// digits: compared as integers, with no text to walk. The common case, tried before
+/// [`Version::normalize_and_parse`]; it accepts only what that parses, with the same meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Release([u64; 3]);
+
+impl Release {
+    /// `None` for anything but `[vV]`MAJOR[.MINOR[.PATCH]] with small numbers and no leading
+    /// zeros: the full parse decides those.
+    #[inline]
+    pub(crate) fn parse(s: &str) -> Option<Release> {
+        let mut rest = match s.as_bytes() {
+            [b'v' | b'V', rest @ ..] => rest,
+            all => all,
+        };
+        let mut parts = [0u64; 3];
+        for (i, part) in parts.iter_mut().enumerate() {
+            let (n, after) = release_number(rest)?;
+            *part = n;
+            match after {
+                [] => return Some(Release(parts)),
+                [b'.', more @ ..] if i < 2 => rest = more,
+                _ => return None,
+            }
+        }
+        None
+    }
+}
+
+/// The number at the start of `b` and the bytes after it: at least one digit, at most 18 (so it
+/// fits a u64), no leading zero unless it is 0.
+#[inline(always)]
+fn release_number(b: &[u8]) -> Option<(u64, &[u8])> {
+    let mut n = 0u64;
+    let mut len = 0;
+    while let Some(d) = b.get(len).map(|c| c.wrapping_sub(b'0')).filter(|d| *d <= 9) {
+        // Wrapping: a number too long to fit is refused below anyway.
+        n = n.wrapping_mul(10).wrapping_add(u64::from(d));
+        len += 1;
+    }
+    if len == 0 || len > 18 || (len > 1 && b[0] == b'0') {
+        return None;
+    }
+    Some((n, &b[len..]))
 }
 
 /// The comparison of `sem_ver`.
@@ -65,6 +117,22 @@ impl SemverOp {
             "~" => SemverOp::Minor,
             _ => return None,
         })
+    }
+
+    /// [`SemverOp::apply`] on two releases.
+    #[inline]
+    pub(crate) fn apply_release(self, a: Release, b: Release) -> bool {
+        let (a, b) = (a.0, b.0);
+        match self {
+            SemverOp::Eq => a == b,
+            SemverOp::Ne => a != b,
+            SemverOp::Lt => a < b,
+            SemverOp::Le => a <= b,
+            SemverOp::Ge => a >= b,
+            SemverOp::Gt => a > b,
+            SemverOp::Major => a[0] == b[0],
+            SemverOp::Minor => a[..2] == b[..2],
+        }
     }
 
     pub(crate) fn apply(self, a: &Version<'_>, b: &Version<'_>) -> bool {
@@ -142,6 +210,11 @@ impl<'s> Version<'s> {
             minor: self.minor.into(),
             patch: self.patch.into(),
             pre: self.pre.into(),
+            release: if self.pre.is_empty() {
+                Release::parse(&format!("{}.{}.{}", self.major, self.minor, self.patch))
+            } else {
+                None
+            },
         }
     }
 
@@ -315,5 +388,69 @@ mod tests {
         assert_eq!(from_val(&Val::Num(2_000_000.0)), None);
         assert_eq!(from_val(&Val::Bool(true)), None);
         assert_eq!(from_val(&Val::Null), None);
+    }
+
+    const OPS: [SemverOp; 8] = [
+        SemverOp::Eq,
+        SemverOp::Ne,
+        SemverOp::Lt,
+        SemverOp::Le,
+        SemverOp::Ge,
+        SemverOp::Gt,
+        SemverOp::Major,
+        SemverOp::Minor,
+    ];
+
+    #[test]
+    fn release_fast_path_takes_only_plain_releases() {
+        for good in [
+            "1",
+            "v1.2",
+            "V1.2.3",
+            "0.0.0",
+            "10.20.30",
+            "123456789012345678.0.1",
+        ] {
+            assert!(Release::parse(good).is_some(), "{good}");
+        }
+        // Left to the full parse: prereleases, build metadata, leading zeros, huge numbers.
+        for other in [
+            "",
+            "v",
+            "1.",
+            "1..2",
+            "1.2.3.4",
+            "01.2.3",
+            "1.02",
+            "1.2.3-rc.1",
+            "1.2.3+b",
+            "vv1",
+            "1234567890123456789.0.0",
+            " 1",
+            "1.2.x",
+        ] {
+            assert!(Release::parse(other).is_none(), "{other}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn release_fast_path_agrees_with_the_full_parse(
+            a in "[vV]?[0-9]{1,3}(\\.[0-9]{1,3}){0,3}(-[a-z0-9.]{0,3})?|[0-9]{17,20}(\\.0)?",
+            b in "[vV]?[0-9]{1,3}(\\.[0-9]{1,3}){0,3}(-[a-z0-9.]{0,3})?|[0-9]{17,20}",
+        ) {
+            let (ra, rb) = (Release::parse(&a), Release::parse(&b));
+            if ra.is_some() {
+                proptest::prop_assert!(Version::normalize_and_parse(&a).is_some());
+            }
+            let owned = Version::normalize_and_parse(&b).map(Version::to_owned_version);
+            proptest::prop_assert_eq!(owned.as_ref().and_then(OwnedVersion::release), rb);
+            if let (Some(ra), Some(rb)) = (ra, rb) {
+                let (va, vb) = (v(&a), v(&b));
+                for op in OPS {
+                    proptest::prop_assert_eq!(op.apply_release(ra, rb), op.apply(&va, &vb));
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,173 @@
+//! A driver for counting instructions per evaluation with valgrind, which the machine's load does
+//! not distort (criterion's times on a shared machine do): runs one scenario N times.
+//!
+//! `cargo build --release -p bunting-engine --example instructions`, then for each scenario
+//! `valgrind --tool=callgrind target/release/examples/instructions SCENARIO ENGINE N` with N = 0
+//! and N = 10000: the difference in instructions, divided by 10000, is the cost of one evaluation.
+//! SCENARIO: static, targeting, fractional, semver, bulk; ENGINE: bunting, datalogic (finds the
+//! flag, evaluates its rule, maps the result to the variant, as the benchmark's `datalogic` rows),
+//! datalogic_rule_only.
+
+// A measuring tool: a broken fixture should stop it loudly.
+#![allow(clippy::unwrap_used)]
+
+use std::hint::black_box;
+
+use bunting_engine::{CompileOptions, CompiledFlagSet, EvaluationContext};
+use bunting_model::FlagSet;
+use serde_json::{json, Value};
+
+const TARGETING: &str = r#"{"if": [{"and": [
+    {"==": [{"var": "plan"}, "enterprise"]},
+    {">=": [{"var": "seats"}, 100]},
+    {"in": [{"var": "country"}, ["NZ", "IE", "PT"]]}
+]}, "on", "off"]}"#;
+const FRACTIONAL: &str = r#"{"fractional": [["a", 50], ["b", 25], ["c", 25]]}"#;
+const SEMVER: &str =
+    r#"{"if": [{"sem_ver": [{"var": "appVersion"}, ">=", "4.2.0"]}, "on", "off"]}"#;
+const KINDS: [&str; 4] = ["static", "targeting", "fractional", "semver"];
+
+fn context_json() -> Value {
+    json!({"targetingKey": "user-12345", "plan": "enterprise", "seats": 150, "country": "PT",
+           "appVersion": "4.10.2", "email": "ann@example.com"})
+}
+
+fn rule(kind: usize) -> Option<&'static str> {
+    [None, Some(TARGETING), Some(FRACTIONAL), Some(SEMVER)][kind]
+}
+
+fn flag_json(kind: usize) -> Value {
+    let bool_variants = json!({"on": true, "off": false});
+    let mut flag = match kind {
+        2 => {
+            json!({"state": "ENABLED", "variants": {"a": "A", "b": "B", "c": "C"}, "defaultVariant": "a"})
+        }
+        0 => json!({"state": "ENABLED", "variants": bool_variants, "defaultVariant": "on"}),
+        _ => json!({"state": "ENABLED", "variants": bool_variants, "defaultVariant": "off"}),
+    };
+    if let Some(r) = rule(kind) {
+        flag["targeting"] = serde_json::from_str(r).unwrap();
+    }
+    flag
+}
+
+/// The four single flags and 100 bulk flags, as the benchmark's set.
+fn keys_and_kinds() -> Vec<(String, usize)> {
+    let mut keys: Vec<(String, usize)> = (0..4).map(|k| (KINDS[k].to_owned(), k)).collect();
+    keys.extend((0..100).map(|i| (format!("bulk-{}-{i:03}", KINDS[i % 4]), i % 4)));
+    keys
+}
+
+struct DlFlag {
+    rule: Option<datalogic_rs::Logic>,
+    variants: Vec<(String, Value)>,
+    default: usize,
+    data: datalogic_rs::ParsedData,
+}
+
+impl DlFlag {
+    fn resolve<'f>(&'f self, session: &mut datalogic_rs::Session<'_>) -> Option<&'f Value> {
+        let Some(rule) = &self.rule else {
+            return Some(&self.variants[self.default].1);
+        };
+        let found = match session.eval_borrowed(rule, black_box(&self.data)) {
+            Ok(v) if v.is_null() => Some(self.default),
+            Ok(v) => {
+                let name = match v.as_bool() {
+                    Some(true) => Some("true"),
+                    Some(false) => Some("false"),
+                    None => v.as_str(),
+                };
+                name.and_then(|n| self.variants.iter().position(|(k, _)| k == n))
+            }
+            Err(_) => None,
+        };
+        session.reset();
+        found.map(|i| &self.variants[i].1)
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (scenario, engine) = (args[0].as_str(), args[1].as_str());
+    let n: usize = args[2].parse().unwrap();
+    let keys = keys_and_kinds();
+    let wanted: Vec<&(String, usize)> = match scenario {
+        "bulk" => keys
+            .iter()
+            .filter(|(k, _)| k.starts_with("bulk-"))
+            .collect(),
+        s => keys.iter().filter(|(k, _)| k == s).collect(),
+    };
+    assert!(!wanted.is_empty(), "unknown scenario {scenario}");
+    let mut found = 0usize;
+    match engine {
+        "bunting" => {
+            let flags: serde_json::Map<String, Value> = keys
+                .iter()
+                .map(|(k, kind)| (k.clone(), flag_json(*kind)))
+                .collect();
+            let set = FlagSet::from_value(&json!({ "flags": flags })).unwrap();
+            let set = CompiledFlagSet::compile(&set, &CompileOptions::default());
+            let ctx = EvaluationContext::from_value(&context_json(), 1_700_000_000).unwrap();
+            for _ in 0..n {
+                for (key, _) in &wanted {
+                    let r = set.evaluate_ref(black_box(key), black_box(&ctx));
+                    found += usize::from(r.variant.is_some());
+                }
+            }
+        }
+        "datalogic" | "datalogic_rule_only" => {
+            let dl = datalogic_rs::Engine::new();
+            let mut session = dl.session();
+            let mut by_key =
+                std::collections::HashMap::with_hasher(foldhash::fast::FixedState::default());
+            for (key, kind) in &keys {
+                let mut data = context_json();
+                data["$flagd"] = json!({"flagKey": key, "timestamp": 1_700_000_000});
+                let variants = match flag_json(*kind)["variants"].as_object() {
+                    Some(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    None => Vec::new(),
+                };
+                let default = if *kind == 2 || *kind == 0 { 0 } else { 1 };
+                let flag = DlFlag {
+                    rule: rule(*kind).map(|r| dl.compile(r).unwrap()),
+                    variants,
+                    default,
+                    data: datalogic_rs::ParsedData::from_json(&data.to_string()).unwrap(),
+                };
+                by_key.insert(key.clone(), flag);
+            }
+            if engine == "datalogic_rule_only" {
+                let rules: Vec<(&datalogic_rs::Logic, &datalogic_rs::ParsedData)> = wanted
+                    .iter()
+                    .filter_map(|(k, _)| {
+                        by_key[k.as_str()]
+                            .rule
+                            .as_ref()
+                            .map(|r| (r, &by_key[k.as_str()].data))
+                    })
+                    .collect();
+                for _ in 0..n {
+                    for (rule, data) in &rules {
+                        found += usize::from(
+                            session
+                                .eval_borrowed(black_box(*rule), black_box(*data))
+                                .is_ok(),
+                        );
+                        session.reset();
+                    }
+                }
+            } else {
+                for _ in 0..n {
+                    for (key, _) in &wanted {
+                        let f = by_key.get(black_box(key.as_str()));
+                        found += usize::from(f.and_then(|f| f.resolve(&mut session)).is_some());
+                    }
+                }
+            }
+        }
+        other => panic!("unknown engine {other}"),
+    }
+    println!("{found}");
+}
