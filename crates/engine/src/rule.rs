@@ -56,15 +56,16 @@ pub(crate) enum Outcome<'a> {
 enum Tail {
     /// A literal naming the variant at this position; the literal is kept for
     /// [`Rule::evaluate`].
-    Variant(usize, #[cfg_attr(not(test), allow(dead_code))] Value),
+    Variant(usize, #[cfg_attr(not(test), allow(dead_code))] Box<Value>),
     /// A literal null.
     Default,
     /// `if`/`?:`: each condition with what it leads to, then what holds when none does.
     If(Vec<(Cond, Tail)>, Box<Tail>),
     /// A `fractional` with a constant distribution, and what each of its variants leads to.
     Fractional(Box<FractionalNode>, Vec<Tail>),
-    /// Anything else: evaluated as a value.
-    Eval(Node),
+    /// Anything else: evaluated as a value. (Boxed, as the large variants here are, so the
+    /// enum stays small and its variants quick to tell apart.)
+    Eval(Box<Node>),
 }
 
 impl Tail {
@@ -97,11 +98,11 @@ impl Tail {
                         .iter()
                         .map(|v| Tail::literal(v.clone(), variants))
                         .collect(),
-                    _ => return Tail::Eval(Node::Fractional(f)),
+                    _ => return Tail::Eval(Box::new(Node::Fractional(f))),
                 };
                 Tail::Fractional(f, outcomes)
             }
-            other => Tail::Eval(other),
+            other => Tail::Eval(Box::new(other)),
         }
     }
 
@@ -113,8 +114,8 @@ impl Tail {
             Some(name) => variants.iter().position(|k| *k == name),
         };
         match found {
-            Some(i) => Tail::Variant(i, v),
-            None => Tail::Eval(Node::Lit(v)),
+            Some(i) => Tail::Variant(i, Box::new(v)),
+            None => Tail::Eval(Box::new(Node::Lit(v))),
         }
     }
 }
@@ -185,6 +186,21 @@ enum Op {
     MissingSome,
     StartsWith,
     EndsWith,
+}
+
+impl Op {
+    /// The comparison with its operands in the other order when `var_first` is false, so that
+    /// the variable comes first: `lit < var` is `var > lit`.
+    fn with_var_first(self, var_first: bool) -> Op {
+        match (self, var_first) {
+            (op, true) => op,
+            (Op::Lt, false) => Op::Gt,
+            (Op::Le, false) => Op::Ge,
+            (Op::Gt, false) => Op::Lt,
+            (Op::Ge, false) => Op::Le,
+            (op, false) => op,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,7 +311,9 @@ enum Cond {
     Any(Box<[Cond]>),
     /// `!` of its first argument.
     Not(Box<Cond>),
-    /// A comparison of an attribute with a string literal.
+    /// `==`, `===`, `!=` or `!==` of an attribute and a string literal.
+    AttrStrEq(Box<AttrCmp<Box<str>>>),
+    /// An ordering comparison of an attribute with a string literal.
     AttrStr(Box<AttrCmp<Box<str>>>),
     /// A comparison of an attribute with a number literal.
     AttrNum(Box<AttrCmp<f64>>),
@@ -303,18 +321,18 @@ enum Cond {
     AttrIn(Box<str>, Box<StringSet>),
     /// `sem_ver` of an attribute with a literal operator and version.
     AttrSemVer(Box<(Box<str>, SemverOp, OwnedVersion)>),
-    /// Anything else.
-    Node(Node),
+    /// Anything else (boxed, so the common variants stay small and quick to tell apart).
+    Node(Box<Node>),
 }
 
 #[derive(Debug)]
 struct AttrCmp<L> {
     /// The attribute's name (a one-segment `var` path read at the top).
     key: Box<str>,
+    /// The comparison with the attribute as its left operand (swapped at compile time when the
+    /// rule has it on the right: JavaScript's `a < b` is `b > a`, coercions included).
     op: Op,
     lit: L,
-    /// Whether the attribute is the left operand.
-    var_first: bool,
 }
 
 impl Cond {
@@ -326,25 +344,29 @@ impl Cond {
             Node::Or(args) => Cond::Any(args.into_iter().map(Cond::new).collect()),
             Node::Op(Op::Not, args) if !args.is_empty() => match args.into_iter().next() {
                 Some(first) => Cond::Not(Box::new(Cond::new(first))),
-                None => Cond::Node(Node::Lit(Value::Bool(true))),
+                None => Cond::Node(Box::new(Node::Lit(Value::Bool(true)))),
             },
             Node::CmpVarLit(c) => match (c.path.attribute_key(), &c.lit) {
-                (Some(key), Value::String(lit)) => Cond::AttrStr(Box::new(AttrCmp {
-                    key: key.into(),
-                    op: c.op,
-                    lit: lit.as_str().into(),
-                    var_first: c.var_first,
-                })),
+                (Some(key), Value::String(lit)) => {
+                    let cmp = Box::new(AttrCmp {
+                        key: key.into(),
+                        op: c.op.with_var_first(c.var_first),
+                        lit: lit.as_str().into(),
+                    });
+                    match c.op {
+                        Op::Eq | Op::StrictEq | Op::Ne | Op::StrictNe => Cond::AttrStrEq(cmp),
+                        _ => Cond::AttrStr(cmp),
+                    }
+                }
                 (Some(key), Value::Number(n)) => match n.as_f64() {
                     Some(lit) => Cond::AttrNum(Box::new(AttrCmp {
                         key: key.into(),
-                        op: c.op,
+                        op: c.op.with_var_first(c.var_first),
                         lit,
-                        var_first: c.var_first,
                     })),
-                    None => Cond::Node(Node::CmpVarLit(c)),
+                    None => Cond::Node(Box::new(Node::CmpVarLit(c))),
                 },
-                _ => Cond::Node(Node::CmpVarLit(c)),
+                _ => Cond::Node(Box::new(Node::CmpVarLit(c))),
             },
             Node::InStrings(needle, set) => match &*needle {
                 Node::Var {
@@ -352,9 +374,9 @@ impl Cond {
                     default: None,
                 } => match path.attribute_key() {
                     Some(key) => Cond::AttrIn(key.into(), set),
-                    None => Cond::Node(Node::InStrings(needle, set)),
+                    None => Cond::Node(Box::new(Node::InStrings(needle, set))),
                 },
-                _ => Cond::Node(Node::InStrings(needle, set)),
+                _ => Cond::Node(Box::new(Node::InStrings(needle, set))),
             },
             Node::SemVer(sv) => match (&sv.constant, sv.args.first()) {
                 (
@@ -365,11 +387,11 @@ impl Cond {
                     }),
                 ) if sv.args.len() == 3 => match path.attribute_key() {
                     Some(key) => Cond::AttrSemVer(Box::new((key.into(), *op, target.clone()))),
-                    None => Cond::Node(Node::SemVer(sv)),
+                    None => Cond::Node(Box::new(Node::SemVer(sv))),
                 },
-                _ => Cond::Node(Node::SemVer(sv)),
+                _ => Cond::Node(Box::new(Node::SemVer(sv))),
             },
-            other => Cond::Node(other),
+            other => Cond::Node(Box::new(other)),
         }
     }
 }
@@ -933,39 +955,33 @@ impl<'a> Eval<'_, 'a> {
     fn cond_inline(&self, c: &'a Cond) -> bool {
         match c {
             Cond::All(_) | Cond::Any(_) | Cond::Not(_) => self.cond(c),
+            Cond::AttrStrEq(c) => {
+                let found = attribute(self.env.ctx, &c.key);
+                if let Some(Value::String(a)) = found {
+                    // Between two strings, `==` is `===`.
+                    return str_eq(a, &c.lit) == matches!(c.op, Op::Eq | Op::StrictEq);
+                }
+                attr_cmp_generic(c.op, found, &Val::Str(&c.lit))
+            }
             Cond::AttrStr(c) => {
                 let found = attribute(self.env.ctx, &c.key);
                 if let Some(Value::String(a)) = found {
-                    let (a, b) = if c.var_first {
-                        (a.as_str(), &*c.lit)
-                    } else {
-                        (&*c.lit, a.as_str())
-                    };
-                    match c.op {
-                        Op::Eq | Op::StrictEq => return str_eq(a, b),
-                        Op::Ne | Op::StrictNe => return !str_eq(a, b),
-                        op => {
-                            if let Some(r) = compare_same(op, a.cmp(b)) {
-                                return r;
-                            }
-                        }
+                    if let Some(r) = compare_same(c.op, a.as_str().cmp(&c.lit)) {
+                        return r;
                     }
                 }
-                attr_cmp_generic(c.op, c.var_first, found, &Val::Str(&c.lit))
+                attr_cmp_generic(c.op, found, &Val::Str(&c.lit))
             }
             Cond::AttrNum(c) => {
                 let found = attribute(self.env.ctx, &c.key);
                 if let Some(Value::Number(n)) = found {
-                    if let Some(a) = n.as_f64() {
-                        let (a, b) = if c.var_first { (a, c.lit) } else { (c.lit, a) };
-                        if let Some(ord) = a.partial_cmp(&b) {
-                            if let Some(r) = compare_same(c.op, ord) {
-                                return r;
-                            }
+                    if let Some(ord) = n.as_f64().and_then(|a| a.partial_cmp(&c.lit)) {
+                        if let Some(r) = compare_same(c.op, ord) {
+                            return r;
                         }
                     }
                 }
-                attr_cmp_generic(c.op, c.var_first, found, &Val::Num(c.lit))
+                attr_cmp_generic(c.op, found, &Val::Num(c.lit))
             }
             Cond::AttrIn(key, set) => {
                 // Every element is a string, so only a string can be strictly equal to one.
@@ -1466,11 +1482,11 @@ fn compare_vals(op: Op, var_first: bool, var: &Val<'_>, lit: &Val<'_>) -> bool {
     }
 }
 
-/// A comparison of an attribute (absent: null) with a literal, the long way.
+/// A comparison of an attribute (absent: null, the left operand) with a literal, the long way.
 #[inline(never)]
-fn attr_cmp_generic(op: Op, var_first: bool, found: Option<&Value>, lit: &Val<'_>) -> bool {
+fn attr_cmp_generic(op: Op, found: Option<&Value>, lit: &Val<'_>) -> bool {
     let var = found.map_or(Val::Null, Val::from_json);
-    compare_vals(op, var_first, &var, lit)
+    compare_vals(op, true, &var, lit)
 }
 
 /// `sem_ver` of an attribute that is not a string (absent: null), the long way.
