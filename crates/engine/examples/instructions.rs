@@ -4,7 +4,8 @@
 //! `cargo build --release -p bunting-engine --example instructions`, then for each scenario
 //! `valgrind --tool=callgrind target/release/examples/instructions SCENARIO ENGINE N` with N = 0
 //! and N = 10000: the difference in instructions, divided by 10000, is the cost of one evaluation.
-//! SCENARIO: static, targeting, fractional, semver, bulk; ENGINE: bunting, datalogic (finds the
+//! SCENARIO: static, targeting, fractional, semver, bulk; ENGINE: bunting (`evaluate_ref`),
+//! bunting_all (`evaluate_all_ref` over a set of just the scenario's flags), datalogic (finds the
 //! flag, evaluates its rule, maps the result to the variant, as the benchmark's `datalogic` rows),
 //! datalogic_rule_only.
 
@@ -115,6 +116,19 @@ fn main() {
                     let r = set.evaluate_ref(black_box(key), black_box(&ctx));
                     found += usize::from(r.variant.is_some());
                 }
+            }
+        }
+        // Every flag of a set of the 100 bulk flags, as OFREP bulk evaluation answers.
+        "bunting_all" => {
+            let flags: serde_json::Map<String, Value> = wanted
+                .iter()
+                .map(|(k, kind)| (k.clone(), flag_json(*kind)))
+                .collect();
+            let set = FlagSet::from_value(&json!({ "flags": flags })).unwrap();
+            let set = CompiledFlagSet::compile(&set, &CompileOptions::default());
+            let ctx = EvaluationContext::from_value(&context_json(), 1_700_000_000).unwrap();
+            for _ in 0..n {
+                found += set.evaluate_all_ref(black_box(&ctx)).len();
             }
         }
         "datalogic" | "datalogic_rule_only" => {

@@ -20,6 +20,7 @@ pub(crate) use crate::val::Val;
 use crate::val::{canonical_index, lookup_json, str_eq};
 
 /// What one evaluation sees: the flag being evaluated and the caller's context.
+#[derive(Clone, Copy)]
 pub(crate) struct Env<'a> {
     pub(crate) flag_key: &'a str,
     pub(crate) ctx: &'a EvaluationContext,
@@ -431,7 +432,7 @@ impl Rule {
     #[cfg(test)]
     pub(crate) fn evaluate<'a>(&'a self, env: &Env<'a>) -> Val<'a> {
         let e = Eval {
-            env,
+            env: *env,
             bucketing: self.bucketing,
         };
         e.eval_tail(&self.root)
@@ -442,7 +443,7 @@ impl Rule {
     /// where the rule names variants by literals.
     pub(crate) fn outcome<'a>(&'a self, env: &Env<'a>) -> Outcome<'a> {
         let e = Eval {
-            env,
+            env: *env,
             bucketing: self.bucketing,
         };
         e.outcome(&self.root)
@@ -732,12 +733,13 @@ enum Scope<'s, 'a> {
     },
 }
 
-struct Eval<'e, 'a> {
-    env: &'e Env<'a>,
+struct Eval<'a> {
+    /// Held by value, so reading the context is one load, not two.
+    env: Env<'a>,
     bucketing: FractionalBucketing,
 }
 
-impl<'a> Eval<'_, 'a> {
+impl<'a> Eval<'a> {
     #[cfg(test)]
     fn eval_tail(&self, tail: &'a Tail) -> Val<'a> {
         match tail {
@@ -940,6 +942,7 @@ impl<'a> Eval<'_, 'a> {
     }
 
     /// A condition's truthiness.
+    #[inline]
     fn cond(&self, c: &'a Cond) -> bool {
         match c {
             // The members are evaluated in place: one call for the whole `and`, not one each.
