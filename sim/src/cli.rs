@@ -1,20 +1,21 @@
-//! `bunting-sim`: run one seed or sweep many, print what each seed derived, and exit with a code
-//! that tells a crash (10), a safety violation (11) and a liveness violation (12) apart.
+//! The simulator's command line, shared by `bunting-sim` and `bunting sim`: run one seed or sweep
+//! many, print what each seed derived, and exit with a code that tells a crash (10), a safety
+//! violation (11) and a liveness violation (12) apart.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use bunting_sim::{
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::{
     run_seed, timeline_svg, Error, FaultRates, Options, Outcome, PlantedBug, Report, Scenario,
     Simulation, SweepSummary,
 };
-use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
 
 /// Deterministic simulation of a Bunting cluster under partitions, crashes and message loss.
-#[derive(Debug, Parser)]
-#[command(name = "bunting-sim", version)]
-struct Cli {
+#[derive(Debug, Clone, Args)]
+pub struct SimArgs {
     /// Run this one seed.
     #[arg(long, env = "BUNTING_SIM_SEED", conflicts_with = "seeds")]
     seed: Option<u64>,
@@ -66,12 +67,13 @@ struct Cli {
     jobs: usize,
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+/// Runs what `args` asks for and returns the process exit code: the worst outcome's code, or 2
+/// for a command line that cannot be used.
+pub fn main_with(args: SimArgs) -> ExitCode {
+    match run(args) {
         Ok(outcome) => ExitCode::from(outcome.exit_code() as u8),
         Err(e) => {
-            eprintln!("bunting-sim: {e}");
+            eprintln!("bunting sim: {e}");
             ExitCode::from(2)
         }
     }
@@ -88,7 +90,7 @@ fn parse_scenario(name: &str) -> Result<Option<Scenario>, Error> {
         .ok_or_else(|| Error::InvalidOption(format!("unknown scenario {name:?}")))
 }
 
-fn options_for(cli: &Cli, seed: u64, scenario: Scenario) -> Options {
+fn options_for(cli: &SimArgs, seed: u64, scenario: Scenario) -> Options {
     Options {
         seed,
         regions: cli.regions,
@@ -120,7 +122,7 @@ fn write_out(path: &str, text: &str) -> Result<(), Error> {
     })
 }
 
-fn validate(cli: &Cli) -> Result<(), Error> {
+fn validate(cli: &SimArgs) -> Result<(), Error> {
     if cli.regions == 0 || cli.nodes_per_region == 0 {
         return Err(Error::InvalidOption(
             "--regions and --nodes-per-region must be at least 1".into(),
@@ -140,7 +142,7 @@ fn validate(cli: &Cli) -> Result<(), Error> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<Outcome, Error> {
+fn run(cli: SimArgs) -> Result<Outcome, Error> {
     validate(&cli)?;
     let scenario = parse_scenario(&cli.scenario)?;
     match (&cli.seeds, cli.seed) {
@@ -153,7 +155,7 @@ fn run(cli: Cli) -> Result<Outcome, Error> {
     }
 }
 
-fn one_seed(cli: &Cli, seed: u64, scenario: Scenario) -> Result<Outcome, Error> {
+fn one_seed(cli: &SimArgs, seed: u64, scenario: Scenario) -> Result<Outcome, Error> {
     let options = options_for(cli, seed, scenario);
     let sim = Simulation::new(options.clone());
     // The seed and everything it derived come first, so a crash still leaves them on screen.
@@ -208,8 +210,8 @@ fn print_report(report: &Report, wall_s: f64) {
     println!(
         "convergence after {} heals: p50 {:?} ms, p99 {:?} ms; after the final heal: {:?} ms",
         report.heals.len(),
-        bunting_sim::percentile(&times, 50.0),
-        bunting_sim::percentile(&times, 99.0),
+        crate::percentile(&times, 50.0),
+        crate::percentile(&times, 99.0),
         report.final_convergence_ms
     );
     println!(
@@ -239,7 +241,7 @@ fn parse_range(range: &str) -> Result<(u64, u64), Error> {
     Ok((a, b))
 }
 
-fn sweep(cli: &Cli, range: &str, scenario: Option<Scenario>) -> Result<Outcome, Error> {
+fn sweep(cli: &SimArgs, range: &str, scenario: Option<Scenario>) -> Result<Outcome, Error> {
     let (a, b) = parse_range(range)?;
     let scenario_of =
         |seed: u64| scenario.unwrap_or(Scenario::ALL[(seed % Scenario::ALL.len() as u64) as usize]);

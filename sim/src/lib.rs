@@ -16,6 +16,7 @@
 //! A seed is a run: `Simulation::new(Options::new(seed)).run()` yields the same [`Report`] and
 //! trace hash every time, and a failing report carries the command that replays it.
 
+pub mod cli;
 mod options;
 mod plot;
 mod report;

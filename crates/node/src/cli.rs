@@ -33,6 +33,8 @@ pub enum Command {
     Certs(crate::certs_cmd::CertsArgs),
     /// Run the whole cluster of regions/ on this machine (one child process per node).
     Dev(crate::dev::DevArgs),
+    /// Run the deterministic partition simulator (the same as `bunting-sim`; see sim/README.md).
+    Sim(bunting_sim::cli::SimArgs),
 }
 
 #[derive(Debug, Args)]

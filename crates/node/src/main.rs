@@ -8,6 +8,10 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Sim(args) = cli.command {
+        // One thread, simulated time: the simulator needs no runtime.
+        return bunting_sim::cli::main_with(args);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -25,6 +29,7 @@ fn main() -> ExitCode {
             Command::Tokens(args) => client::tokens(args).await,
             Command::Certs(args) => bunting_node::certs_cmd::run(args),
             Command::Dev(args) => bunting_node::dev::run(args).await,
+            Command::Sim(_) => Ok(()), // ran above, before the runtime
         }
     });
     match result {
