@@ -252,6 +252,9 @@ struct CmpVarLit {
 /// The strings of a literal `in` list; hashed when there are many.
 #[derive(Debug)]
 enum StringSet {
+    /// Few strings, each short enough to pack into a word (see [`StringSet::pack`]): compared
+    /// as integers. Country codes, plans, regions: the usual lists.
+    Packed(Vec<u64>),
     Few(Vec<Box<str>>),
     Many(std::collections::HashSet<Box<str>, foldhash::fast::FixedState>),
 }
@@ -265,14 +268,34 @@ impl StringSet {
             .map(|v| v.as_str().map(Box::from))
             .collect::<Option<_>>()?;
         Some(if strings.len() <= Self::SCAN_LIMIT {
-            StringSet::Few(strings)
+            match strings.iter().map(|s| Self::pack(s)).collect() {
+                Some(words) => StringSet::Packed(words),
+                None => StringSet::Few(strings),
+            }
         } else {
             StringSet::Many(strings.into_iter().collect())
         })
     }
 
+    /// A string of at most 7 bytes as one word: its bytes, and its length in the top byte (so
+    /// strings that differ only in trailing NULs differ).
+    #[inline]
+    fn pack(s: &str) -> Option<u64> {
+        let bytes = s.as_bytes();
+        if bytes.len() > 7 {
+            return None;
+        }
+        let word = bytes
+            .iter()
+            .enumerate()
+            .fold(0u64, |w, (i, &b)| w | u64::from(b) << (8 * i));
+        Some(word | (bytes.len() as u64) << 56)
+    }
+
     fn contains(&self, s: &str) -> bool {
         match self {
+            // A longer string is in no packed set.
+            StringSet::Packed(words) => Self::pack(s).is_some_and(|w| words.contains(&w)),
             StringSet::Few(v) => v.iter().any(|x| str_eq(x, s)),
             StringSet::Many(set) => set.contains(s),
         }
@@ -978,10 +1001,8 @@ impl<'a> Eval<'a> {
             Cond::AttrNum(c) => {
                 let found = attribute(self.env.ctx, &c.key);
                 if let Some(Value::Number(n)) = found {
-                    if let Some(ord) = n.as_f64().and_then(|a| a.partial_cmp(&c.lit)) {
-                        if let Some(r) = compare_same(c.op, ord) {
-                            return r;
-                        }
+                    if let Some(r) = n.as_f64().and_then(|a| compare_numbers(c.op, a, c.lit)) {
+                        return r;
                     }
                 }
                 attr_cmp_generic(c.op, found, &Val::Num(c.lit))
@@ -1517,6 +1538,20 @@ fn compare_same(op: Op, ord: std::cmp::Ordering) -> Option<bool> {
     })
 }
 
+/// A comparison of two numbers, as JavaScript compares them (NaN included: only `!=` holds);
+/// `None` for operations that are not comparisons.
+fn compare_numbers(op: Op, a: f64, b: f64) -> Option<bool> {
+    Some(match op {
+        Op::Eq | Op::StrictEq => a == b,
+        Op::Ne | Op::StrictNe => a != b,
+        Op::Lt => a < b,
+        Op::Le => a <= b,
+        Op::Gt => a > b,
+        Op::Ge => a >= b,
+        _ => return None,
+    })
+}
+
 /// Contexts are small: below this many attributes a scan beats hashing the key.
 const SCAN_ATTRIBUTES: usize = 12;
 
@@ -1638,6 +1673,26 @@ mod tests {
                 "rule {rule} with data {data}"
             );
         }
+    }
+
+    #[test]
+    fn packed_string_sets_tell_apart_what_bytes_alone_would_not() {
+        let set = StringSet::new(&[json!("a"), json!(""), json!("PT")]).unwrap();
+        assert!(matches!(set, StringSet::Packed(_)));
+        for (s, want) in [
+            ("a", true),
+            ("", true),
+            ("PT", true),
+            ("a\0", false),
+            ("\0", false),
+            ("P", false),
+            ("PTPTPTPT", false),
+        ] {
+            assert_eq!(set.contains(s), want, "{s:?}");
+        }
+        let long = StringSet::new(&[json!("enterprise"), json!("a")]).unwrap();
+        assert!(matches!(long, StringSet::Few(_)));
+        assert!(long.contains("enterprise") && long.contains("a") && !long.contains("b"));
     }
 
     #[test]
