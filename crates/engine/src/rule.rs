@@ -292,10 +292,20 @@ impl StringSet {
         Some(word | (bytes.len() as u64) << 56)
     }
 
+    #[inline]
     fn contains(&self, s: &str) -> bool {
         match self {
             // A longer string is in no packed set.
             StringSet::Packed(words) => Self::pack(s).is_some_and(|w| words.contains(&w)),
+            other => other.contains_unpacked(s),
+        }
+    }
+
+    /// [`StringSet::contains`] for the sets of longer strings, out of line.
+    #[inline(never)]
+    fn contains_unpacked(&self, s: &str) -> bool {
+        match self {
+            StringSet::Packed(_) => self.contains(s),
             StringSet::Few(v) => v.iter().any(|x| str_eq(x, s)),
             StringSet::Many(set) => set.contains(s),
         }
