@@ -6,14 +6,19 @@
 //!
 //! Persist before ack, persist before send: a local write's changes go out as a
 //! [`Event::PersistRequest`]; only when the driver calls [`Replica::persisted`] is the write
-//! acknowledged and are sync messages for that flag set generated again. Changes received from
-//! peers are applied at once (their origin has stored them) and also handed to the driver to
-//! store, since a node must keep what it applies.
+//! acknowledged and is anything about that flag set sent again. Changes received from peers are
+//! applied at once (their origin has stored them) and also handed to the driver to store, since a
+//! node must keep what it applies.
+//!
+//! Who sends what: the node that made a change pushes it to every peer (one hop); a node that
+//! applied changes from a peer announces its heads only; a peer that lacks an announced head asks
+//! for it; a change whose own dependencies are missing starts an Automerge sync session, which
+//! fills any gap. Anti-entropy re-announces heads to peers not known to hold exactly ours.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 
 use crate::command::{Write, WriteMeta};
 use crate::doc::{FlagSetDoc, Identity};
@@ -53,8 +58,9 @@ pub struct Faults {
     /// actor id (incarnation 0) after every restart: a crash then makes one actor reuse a sequence
     /// number for a different change.
     pub send_before_persist_and_reuse_actor: bool,
-    /// TEST ONLY. Drop the first sync message that carries changes to each (peer, flag set), and
-    /// send nothing more about that flag set to that peer (no retry, no anti-entropy).
+    /// TEST ONLY. Drop the first frame that carries changes (a push, an answer to a request or a
+    /// sync message) to each (peer, flag set), and send nothing more about that flag set to that
+    /// peer (no retry, no anti-entropy).
     pub drop_sync_message_without_retry: bool,
     /// TEST ONLY. Never run anti-entropy rounds.
     pub skip_anti_entropy: bool,
@@ -188,6 +194,13 @@ struct PeerSync {
     persisted_shared: Vec<ChangeHash>,
     /// Planted bug only: this peer's first change-carrying message was dropped and is not retried.
     muted: bool,
+    /// The heads this peer last told us it holds in this connection (in any frame), when we hold
+    /// all of them. A peer's document only grows within a connection, so it holds at least these.
+    known: Option<Vec<ChangeHash>>,
+    /// The heads we last told this peer in this connection (in any frame).
+    told: Option<Vec<ChangeHash>>,
+    /// A sync message for this peer was held back while local changes were unpersisted.
+    deferred: bool,
 }
 
 #[derive(Debug)]
@@ -198,13 +211,65 @@ struct FlagSetState {
     /// Persist requests holding local changes the driver has not yet confirmed; while non-zero
     /// nothing about this flag set is sent.
     unpersisted_local: usize,
+    /// Encoded local changes already persisted, waiting to be pushed once nothing local is
+    /// unpersisted.
+    unsent_local: Vec<Vec<u8>>,
+    /// The last [`RECENT_CHANGES`] changes made or applied here, encoded, so a peer that asks for
+    /// a change it heard of is answered without Automerge re-encoding it.
+    recent: BTreeMap<ChangeHash, Vec<u8>>,
+    recent_order: VecDeque<ChangeHash>,
+    /// Changes asked of some peer since the last anti-entropy round (asked once, not of every
+    /// peer that announces them).
+    requested: BTreeSet<ChangeHash>,
+    /// Requests from peers that arrived while local changes were unpersisted, answered after.
+    deferred_needs: Vec<(PeerId, Vec<ChangeHash>)>,
 }
+
+impl FlagSetState {
+    fn new(doc: FlagSetDoc, peers: BTreeMap<PeerId, PeerSync>) -> Self {
+        FlagSetState {
+            doc,
+            peers,
+            unpersisted_local: 0,
+            unsent_local: Vec::new(),
+            recent: BTreeMap::new(),
+            recent_order: VecDeque::new(),
+            requested: BTreeSet::new(),
+            deferred_needs: Vec::new(),
+        }
+    }
+
+    fn remember(&mut self, hash: ChangeHash, bytes: &[u8]) {
+        if self.recent.insert(hash, bytes.to_vec()).is_none() {
+            self.recent_order.push_back(hash);
+        }
+        while self.recent_order.len() > RECENT_CHANGES {
+            if let Some(old) = self.recent_order.pop_front() {
+                self.recent.remove(&old);
+            }
+        }
+    }
+
+    /// Remembers encoded changes whose hashes are not at hand (parsed once here).
+    fn remember_encoded(&mut self, changes: &[Vec<u8>]) {
+        for bytes in changes {
+            if let Ok(change) = automerge::Change::from_bytes(bytes.clone()) {
+                self.remember(change.hash(), bytes);
+            }
+        }
+    }
+}
+
+/// How many recent changes per flag set are kept encoded to answer peers' requests.
+const RECENT_CHANGES: usize = 256;
 
 #[derive(Debug)]
 struct Pending {
     flag_set: String,
     writes: Vec<(WriteId, Vec<ChangeHash>)>,
     local: bool,
+    /// The local changes this request stores (pushed to peers once stored).
+    changes: Vec<Vec<u8>>,
 }
 
 /// The replication state machine of one node.
@@ -278,14 +343,7 @@ impl Replica {
                     ))
                 })
                 .collect();
-            replica.sets.insert(
-                set.name,
-                FlagSetState {
-                    doc,
-                    peers,
-                    unpersisted_local: 0,
-                },
-            );
+            replica.sets.insert(set.name, FlagSetState::new(doc, peers));
         }
         Ok(replica)
     }
@@ -326,7 +384,10 @@ impl Replica {
             let heads = set.doc.heads();
             for (peer, ps) in &set.peers {
                 let count = pending.entry(peer).or_insert(0);
-                let known = known_heads(doc, &ps.state);
+                let known = match &ps.known {
+                    Some(known) if self.connected.contains(peer) => known.clone(),
+                    _ => known_heads(doc, &ps.state),
+                };
                 if known != heads {
                     *count += changes_after(doc, &known);
                 }
@@ -398,9 +459,12 @@ impl Replica {
         let changes = set.doc.changes_since(&before);
         let heads = set.doc.heads();
         set.unpersisted_local += 1;
+        set.remember_encoded(&changes);
+        let changes_to_store = changes.clone();
         let sync_states = Self::dirty_sync_states(set);
         let persist = self.new_persist_id();
         let ack_now = self.config.faults.ack_before_persist;
+        let send_now = self.config.faults.send_before_persist_and_reuse_actor;
         self.pending.insert(
             persist,
             Pending {
@@ -411,6 +475,11 @@ impl Replica {
                     vec![(id, hashes.clone())]
                 },
                 local: true,
+                changes: if send_now {
+                    Vec::new()
+                } else {
+                    changes.clone()
+                },
             },
         );
         self.events.push_back(Event::FlagSetChanged {
@@ -420,7 +489,7 @@ impl Replica {
         self.events.push_back(Event::PersistRequest(PersistRequest {
             id: persist,
             flag_set: flag_set.to_owned(),
-            changes,
+            changes: changes_to_store,
             sync_states,
         }));
         if ack_now {
@@ -430,7 +499,9 @@ impl Replica {
                 changes: hashes,
             });
         }
-        self.sync_set_with_all(flag_set);
+        if send_now {
+            self.push_changes(flag_set, changes);
+        }
         Ok(id)
     }
 
@@ -451,8 +522,9 @@ impl Replica {
         if pending.local {
             if let Some(set) = self.sets.get_mut(&pending.flag_set) {
                 set.unpersisted_local = set.unpersisted_local.saturating_sub(1);
+                set.unsent_local.extend(pending.changes);
             }
-            self.sync_set_with_all(&pending.flag_set);
+            self.after_local_persisted(&pending.flag_set);
         }
         Ok(())
     }
@@ -469,8 +541,13 @@ impl Replica {
                 // A new connection is a new sync session: keep only what survives reconnects.
                 ps.state = fresh_session(&ps.state);
                 ps.reported_synced = false;
+                ps.known = None;
+                ps.told = None;
+                ps.deferred = false;
             }
-            self.sync_set_with(&name, &peer);
+            // Our heads first: a peer that lacks something asks for it (or, far behind, starts
+            // a sync session whose bloom filter starts from the heads we last shared).
+            self.tell_heads(&name, &peer);
         }
     }
 
@@ -478,6 +555,13 @@ impl Replica {
     pub fn remove_peer(&mut self, peer: &PeerId) {
         self.connected.remove(peer);
         self.transmits.retain(|(p, _)| p != peer);
+        for set in self.sets.values_mut() {
+            if let Some(ps) = set.peers.get_mut(peer) {
+                ps.known = None;
+                ps.told = None;
+                ps.deferred = false;
+            }
+        }
     }
 
     // ---- inputs ----
@@ -512,16 +596,17 @@ impl Replica {
                 continue;
             };
             let heads = set.doc.heads();
+            set.requested.clear();
+            let mut due = Vec::new();
             for peer in &self.connected {
-                if let Some(ps) = set.peers.get_mut(peer) {
-                    // A peer that last told us it holds exactly our heads needs nothing from us
-                    // (what it has that we lack, its own rounds offer).
-                    let in_sync = ps.state.their_heads.as_deref() == Some(heads.as_slice());
-                    if !ps.muted && !in_sync {
-                        // Forget what this session believes is in flight, so anything lost is
-                        // offered again (the peer's bloom filter tells what it lacks).
-                        ps.state = fresh_session(&ps.state);
-                    }
+                let ps = set.peers.entry(peer.clone()).or_default();
+                // A peer that told us in this connection that it holds exactly our heads needs
+                // nothing from us (what it has that we lack, its own rounds offer), so nothing
+                // is sent at all. Every other peer is told our heads again, so anything lost is
+                // asked for again.
+                let in_sync = ps.known.as_deref() == Some(heads.as_slice());
+                if !ps.muted && !in_sync {
+                    due.push(peer.clone());
                 }
             }
             // Sync states that moved since they were last stored are stored now.
@@ -534,6 +619,7 @@ impl Replica {
                         flag_set: name.clone(),
                         writes: Vec::new(),
                         local: false,
+                        changes: Vec::new(),
                     },
                 );
                 self.events.push_back(Event::PersistRequest(PersistRequest {
@@ -543,7 +629,9 @@ impl Replica {
                     sync_states,
                 }));
             }
-            self.sync_set_with_all(&name);
+            for peer in due {
+                self.tell_heads(&name, &peer);
+            }
         }
     }
 
@@ -594,11 +682,7 @@ impl Replica {
         }
         self.sets.insert(
             name.to_owned(),
-            FlagSetState {
-                doc: FlagSetDoc::new(self.identity.clone()),
-                peers,
-                unpersisted_local: 0,
-            },
+            FlagSetState::new(FlagSetDoc::new(self.identity.clone()), peers),
         );
         Ok(())
     }
@@ -616,19 +700,62 @@ impl Replica {
 
     fn receive(&mut self, peer: &PeerId, bytes: &[u8]) -> Result<(), Error> {
         let frame = wire::decode(bytes, self.config.max_frame_bytes)?;
-        match frame.kind {
-            FrameKind::Sync => {}
-        }
-        let message = sync::Message::decode(frame.payload)
-            .map_err(|e| Error::Protocol(format!("sync message: {e}")))?;
-        check_message(&message)?;
         let name = frame.flag_set.to_owned();
-        self.ensure_set(&name)
-            .map_err(|e| Error::Protocol(e.to_string()))?;
+        match frame.kind {
+            FrameKind::Sync => {
+                let message = sync::Message::decode(frame.payload)
+                    .map_err(|e| Error::Protocol(format!("sync message: {e}")))?;
+                check_message(&message)?;
+                self.ensure_set(&name)
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                self.receive_sync(peer, &name, message)
+            }
+            FrameKind::Changes => {
+                let (heads, rest) = wire::decode_heads(frame.payload)?;
+                if rest.is_empty() {
+                    return Err(Error::Protocol("changes frame without changes".into()));
+                }
+                let changes = parse_changes(rest)?;
+                self.ensure_set(&name)
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                self.receive_changes(peer, &name, heads, changes)
+            }
+            FrameKind::Heads => {
+                let (heads, rest) = wire::decode_heads(frame.payload)?;
+                if !rest.is_empty() {
+                    return Err(Error::Protocol("heads frame with trailing bytes".into()));
+                }
+                self.ensure_set(&name)
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                self.receive_heads(peer, &name, heads);
+                Ok(())
+            }
+            FrameKind::Need => {
+                let (hashes, rest) = wire::decode_heads(frame.payload)?;
+                if !rest.is_empty() || hashes.is_empty() {
+                    return Err(Error::Protocol(
+                        "need frame must list 1 or more hashes only".into(),
+                    ));
+                }
+                self.ensure_set(&name)
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                self.receive_need(peer, &name, hashes);
+                Ok(())
+            }
+        }
+    }
+
+    /// An Automerge sync message: the catch-up path (reconnects, anti-entropy, pulls).
+    fn receive_sync(
+        &mut self,
+        peer: &PeerId,
+        name: &str,
+        message: sync::Message,
+    ) -> Result<(), Error> {
         let set = self
             .sets
-            .get_mut(&name)
-            .ok_or_else(|| Error::UnknownFlagSet(name.clone()))?;
+            .get_mut(name)
+            .ok_or_else(|| Error::UnknownFlagSet(name.to_owned()))?;
         let before = set.doc.heads();
         let ps = set.peers.entry(peer.clone()).or_default();
         let doc: &mut Automerge = set.doc.automerge_mut();
@@ -646,57 +773,403 @@ impl Replica {
                 }
             }
         }
+        let their_heads = ps.state.their_heads.clone().unwrap_or_default();
         let heads = set.doc.heads();
-        let changed = heads != before;
-        if changed {
+        if heads != before {
             let changes = set.doc.changes_since(&before);
-            let sync_states = Self::dirty_sync_states(set);
-            for ps in set.peers.values_mut() {
-                ps.reported_synced = false;
-            }
-            let id = self.new_persist_id();
-            self.pending.insert(
-                id,
-                Pending {
-                    flag_set: name.clone(),
-                    writes: Vec::new(),
-                    local: false,
-                },
-            );
-            self.events.push_back(Event::FlagSetChanged {
-                flag_set: name.clone(),
-                heads: heads.clone(),
-            });
-            self.events.push_back(Event::PersistRequest(PersistRequest {
-                id,
-                flag_set: name.clone(),
-                changes,
-                sync_states,
-            }));
+            set.remember_encoded(&changes);
+            self.doc_changed(name, heads, changes);
         }
-        if let Some(set) = self.sets.get_mut(&name) {
-            if let Some(ps) = set.peers.get_mut(peer) {
-                if ps.state.their_heads.as_deref() == Some(heads.as_slice()) {
-                    if !ps.reported_synced {
-                        ps.reported_synced = true;
-                        self.events.push_back(Event::PeerSynced {
-                            peer: peer.clone(),
-                            flag_set: name.clone(),
-                            heads: heads.clone(),
-                        });
-                    }
+        self.note_peer_heads(name, peer, their_heads);
+        // Answer in the session first (it carries our heads), then tell every other peer.
+        self.sync_set_with(name, peer);
+        self.announce(name);
+        Ok(())
+    }
+
+    /// Changes pushed by the node that made them. Applied when every dependency is here;
+    /// otherwise the gap is fetched with a sync session with the sender.
+    fn receive_changes(
+        &mut self,
+        peer: &PeerId,
+        name: &str,
+        their_heads: Vec<ChangeHash>,
+        changes: Vec<automerge::Change>,
+    ) -> Result<(), Error> {
+        let set = self
+            .sets
+            .get_mut(name)
+            .ok_or_else(|| Error::UnknownFlagSet(name.to_owned()))?;
+        let doc = set.doc.automerge();
+        let mut batch = BTreeSet::new();
+        let new: Vec<automerge::Change> = changes
+            .into_iter()
+            .filter(|c| !has_change(doc, &c.hash()) && batch.insert(c.hash()))
+            .collect();
+        let gap = new.iter().any(|c| {
+            c.deps()
+                .iter()
+                .any(|d| !batch.contains(d) && !has_change(doc, d))
+        });
+        if gap {
+            self.pull(name, peer, their_heads);
+            return Ok(());
+        }
+        let mut refused = None;
+        if !new.is_empty() {
+            let before = set.doc.heads();
+            // Changes an earlier sync message left waiting for a dependency may apply along
+            // with these; then only a diff of the document says what to store.
+            let queued = !set.doc.automerge().get_missing_deps(&[]).is_empty();
+            let all: Vec<u8> = new.iter().flat_map(|c| c.raw_bytes().to_vec()).collect();
+            // Through Automerge's loader, which validates each change against the document
+            // (a checksummed change can still be malformed inside).
+            set.doc
+                .automerge_mut()
+                .load_incremental(&all)
+                .map_err(|e| Error::Protocol(format!("changes did not apply: {e}")))?;
+            let doc = set.doc.automerge();
+            let applied: Vec<&automerge::Change> =
+                new.iter().filter(|c| has_change(doc, &c.hash())).collect();
+            for c in &applied {
+                set.remember(c.hash(), c.raw_bytes());
+            }
+            let applied: Vec<Vec<u8>> = applied.iter().map(|c| c.raw_bytes().to_vec()).collect();
+            if applied.len() < new.len() {
+                refused = Some(Error::Protocol(format!(
+                    "{} of {} changes did not apply",
+                    new.len() - applied.len(),
+                    new.len()
+                )));
+            }
+            let heads = set.doc.heads();
+            if heads != before {
+                let stored = if queued {
+                    set.doc.changes_since(&before)
                 } else {
-                    ps.reported_synced = false;
+                    applied
+                };
+                self.doc_changed(name, heads, stored);
+            }
+        }
+        if let Some(error) = refused {
+            return Err(error);
+        }
+        self.note_peer_heads(name, peer, their_heads);
+        // Tells the sender (and, when something was new, every other peer) our heads.
+        self.announce(name);
+        Ok(())
+    }
+
+    /// A peer's heads. If it holds something we lack, fetch it with a sync session.
+    fn receive_heads(&mut self, peer: &PeerId, name: &str, their_heads: Vec<ChangeHash>) {
+        let Some(set) = self.sets.get_mut(name) else {
+            return;
+        };
+        let doc = set.doc.automerge();
+        if their_heads.iter().all(|h| has_change(doc, h)) {
+            self.note_peer_heads(name, peer, their_heads);
+            return;
+        }
+        // Ask this peer for the heads we lack (once, whoever announces them); if their own
+        // dependencies are missing too, the answer shows a gap and a sync session fills it.
+        let missing: Vec<ChangeHash> = their_heads
+            .iter()
+            .filter(|h| !has_change(doc, h) && !set.requested.contains(h))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let ps = set.peers.entry(peer.clone()).or_default();
+        if ps.muted {
+            return;
+        }
+        let mut payload = Vec::new();
+        if wire::encode_heads(&missing, &mut payload).is_err() {
+            return;
+        }
+        if let Ok(frame) =
+            wire::encode(FrameKind::Need, name, &payload, self.config.max_frame_bytes)
+        {
+            set.requested.extend(missing);
+            self.transmits.push_back((peer.clone(), frame));
+        }
+    }
+
+    /// A peer asks for changes it heard of: send those we hold, with our heads.
+    fn receive_need(&mut self, peer: &PeerId, name: &str, hashes: Vec<ChangeHash>) {
+        let faults = self.config.faults;
+        let max = self.config.max_frame_bytes;
+        let Some(set) = self.sets.get_mut(name) else {
+            return;
+        };
+        if set.unpersisted_local > 0 && !faults.send_before_persist_and_reuse_actor {
+            // Our heads name an unstored change now; answer once it is stored.
+            set.deferred_needs.push((peer.clone(), hashes));
+            return;
+        }
+        let doc = set.doc.automerge();
+        let mut changes = Vec::new();
+        for h in &hashes {
+            if let Some(bytes) = set.recent.get(h) {
+                changes.push(bytes.clone());
+            } else if let Some(change) = doc.get_change_by_hash(h) {
+                changes.push(change.raw_bytes().to_vec());
+            }
+        }
+        if changes.is_empty() {
+            return;
+        }
+        let heads = set.doc.heads();
+        let ps = set.peers.entry(peer.clone()).or_default();
+        if ps.muted {
+            return;
+        }
+        if faults.drop_sync_message_without_retry {
+            ps.muted = true;
+            return;
+        }
+        let mut payload = Vec::new();
+        if wire::encode_heads(&heads, &mut payload).is_err() {
+            return;
+        }
+        for c in &changes {
+            payload.extend_from_slice(c);
+        }
+        match wire::encode(FrameKind::Changes, name, &payload, max) {
+            Ok(frame) => {
+                self.transmits.push_back((peer.clone(), frame));
+                ps.told = Some(heads);
+            }
+            Err(_) => {
+                // Too large for one frame: a sync session sends it in parts.
+                ps.state = fresh_session(&ps.state);
+                self.sync_set_with(name, peer);
+            }
+        }
+    }
+
+    /// Starts a sync session with `peer`, which holds `their_heads` (some of which we lack): our
+    /// message names what we need and carries a bloom filter of what we have since we last
+    /// agreed, so the peer sends exactly what is missing.
+    fn pull(&mut self, name: &str, peer: &PeerId, their_heads: Vec<ChangeHash>) {
+        let Some(set) = self.sets.get_mut(name) else {
+            return;
+        };
+        let ps = set.peers.entry(peer.clone()).or_default();
+        if ps.muted {
+            return;
+        }
+        ps.state = fresh_session(&ps.state);
+        ps.state.their_heads = Some(their_heads);
+        self.sync_set_with(name, peer);
+    }
+
+    /// The document of `name` moved to `heads` by changes from a peer: report it and store them.
+    fn doc_changed(&mut self, name: &str, heads: Vec<ChangeHash>, changes: Vec<Vec<u8>>) {
+        let Some(set) = self.sets.get_mut(name) else {
+            return;
+        };
+        let sync_states = Self::dirty_sync_states(set);
+        for ps in set.peers.values_mut() {
+            ps.reported_synced = false;
+        }
+        let id = self.new_persist_id();
+        self.pending.insert(
+            id,
+            Pending {
+                flag_set: name.to_owned(),
+                writes: Vec::new(),
+                local: false,
+                changes: Vec::new(),
+            },
+        );
+        self.events.push_back(Event::FlagSetChanged {
+            flag_set: name.to_owned(),
+            heads,
+        });
+        self.events.push_back(Event::PersistRequest(PersistRequest {
+            id,
+            flag_set: name.to_owned(),
+            changes,
+            sync_states,
+        }));
+    }
+
+    /// `peer` told us (in any frame of this connection) that it holds `heads`.
+    fn note_peer_heads(&mut self, name: &str, peer: &PeerId, heads: Vec<ChangeHash>) {
+        let Some(set) = self.sets.get_mut(name) else {
+            return;
+        };
+        let doc = set.doc.automerge();
+        if !heads.iter().all(|h| has_change(doc, h)) {
+            return;
+        }
+        let ours = set.doc.heads();
+        let ps = set.peers.entry(peer.clone()).or_default();
+        if ps.known.as_deref() == Some(ours.as_slice()) && heads != ours {
+            // The peer held all of ours already and its document only grows: heads we hold
+            // all of yet differ from ours are an older frame overtaken by a newer one.
+            return;
+        }
+        // Both sides hold these heads: the next session's bloom filter starts from them.
+        if ps.state.shared_heads != heads {
+            ps.state.shared_heads.clone_from(&heads);
+        }
+        if heads == ours {
+            if !ps.reported_synced {
+                ps.reported_synced = true;
+                self.events.push_back(Event::PeerSynced {
+                    peer: peer.clone(),
+                    flag_set: name.to_owned(),
+                    heads: heads.clone(),
+                });
+            }
+        } else {
+            ps.reported_synced = false;
+        }
+        ps.known = Some(heads);
+    }
+
+    /// Local changes of `name` were stored: once none is left unstored, push them to every peer
+    /// and resume the sync sessions that were held back.
+    fn after_local_persisted(&mut self, name: &str) {
+        let send_early = self.config.faults.send_before_persist_and_reuse_actor;
+        let Some(set) = self.sets.get_mut(name) else {
+            return;
+        };
+        if set.unpersisted_local > 0 && !send_early {
+            return;
+        }
+        let changes = std::mem::take(&mut set.unsent_local);
+        let needs = std::mem::take(&mut set.deferred_needs);
+        let deferred: Vec<PeerId> = set
+            .peers
+            .iter_mut()
+            .filter(|(_, ps)| ps.deferred)
+            .map(|(p, ps)| {
+                ps.deferred = false;
+                p.clone()
+            })
+            .collect();
+        if !changes.is_empty() {
+            self.push_changes(name, changes);
+        }
+        for peer in deferred {
+            self.sync_set_with(name, &peer);
+        }
+        for (peer, hashes) in needs {
+            if self.connected.contains(&peer) {
+                self.receive_need(&peer, name, hashes);
+            }
+        }
+        self.announce(name);
+    }
+
+    /// Pushes local changes (stored already, unless a planted bug says otherwise) with our heads
+    /// to every connected peer: the change travels one hop from the node that made it.
+    fn push_changes(&mut self, name: &str, changes: Vec<Vec<u8>>) {
+        let faults = self.config.faults;
+        let max = self.config.max_frame_bytes;
+        let Some(set) = self.sets.get_mut(name) else {
+            return;
+        };
+        let heads = set.doc.heads();
+        let mut payload = Vec::new();
+        if wire::encode_heads(&heads, &mut payload).is_err() {
+            return;
+        }
+        for c in &changes {
+            payload.extend_from_slice(c);
+        }
+        let frame = wire::encode(FrameKind::Changes, name, &payload, max).ok();
+        let mut too_big = Vec::new();
+        for peer in &self.connected {
+            let ps = set.peers.entry(peer.clone()).or_default();
+            if ps.muted || ps.known.as_deref() == Some(heads.as_slice()) {
+                continue;
+            }
+            if faults.drop_sync_message_without_retry {
+                ps.muted = true;
+                continue;
+            }
+            match &frame {
+                Some(frame) => {
+                    self.transmits.push_back((peer.clone(), frame.clone()));
+                    ps.told = Some(heads.clone());
+                }
+                None => {
+                    ps.state = fresh_session(&ps.state);
+                    too_big.push(peer.clone());
                 }
             }
         }
-        if changed {
-            // Push what we just learned on to every other peer too.
-            self.sync_set_with_all(&name);
-        } else {
-            self.sync_set_with(&name, peer);
+        for peer in too_big {
+            self.sync_set_with(name, &peer);
         }
-        Ok(())
+    }
+
+    /// Tells every connected peer that was not told our current heads what they are (a few dozen
+    /// bytes; a peer that lacks something asks for it). Held back while local changes are
+    /// unstored: the push after they are stored carries the heads.
+    fn announce(&mut self, name: &str) {
+        let send_early = self.config.faults.send_before_persist_and_reuse_actor;
+        let max = self.config.max_frame_bytes;
+        let Some(set) = self.sets.get_mut(name) else {
+            return;
+        };
+        if set.unpersisted_local > 0 && !send_early {
+            return;
+        }
+        let heads = set.doc.heads();
+        let mut frame = None;
+        for peer in &self.connected {
+            let ps = set.peers.entry(peer.clone()).or_default();
+            if ps.muted || ps.told.as_deref() == Some(heads.as_slice()) {
+                continue;
+            }
+            if frame.is_none() {
+                let mut payload = Vec::new();
+                if wire::encode_heads(&heads, &mut payload).is_err() {
+                    return;
+                }
+                frame = wire::encode(FrameKind::Heads, name, &payload, max).ok();
+            }
+            let Some(frame) = &frame else {
+                return;
+            };
+            self.transmits.push_back((peer.clone(), frame.clone()));
+            ps.told = Some(heads.clone());
+        }
+    }
+
+    /// Tells `peer` our heads of `name` now, even if it was told them before (anti-entropy, a new
+    /// connection). Held back while local changes are unstored; the push after they are stored
+    /// carries the heads.
+    fn tell_heads(&mut self, name: &str, peer: &PeerId) {
+        let send_early = self.config.faults.send_before_persist_and_reuse_actor;
+        let max = self.config.max_frame_bytes;
+        if !self.connected.contains(peer) {
+            return;
+        }
+        let Some(set) = self.sets.get_mut(name) else {
+            return;
+        };
+        let ps = set.peers.entry(peer.clone()).or_default();
+        ps.told = None;
+        if ps.muted || (set.unpersisted_local > 0 && !send_early) {
+            return;
+        }
+        let heads = set.doc.heads();
+        let mut payload = Vec::new();
+        if wire::encode_heads(&heads, &mut payload).is_err() {
+            return;
+        }
+        if let Ok(frame) = wire::encode(FrameKind::Heads, name, &payload, max) {
+            self.transmits.push_back((peer.clone(), frame));
+            ps.told = Some(heads);
+        }
     }
 
     fn sync_set_with_all(&mut self, name: &str) {
@@ -707,7 +1180,7 @@ impl Replica {
     }
 
     /// Generates the next sync message for (peer, flag set), unless local changes of this flag set
-    /// are still waiting to be persisted.
+    /// are still waiting to be persisted (then it is generated once they are).
     fn sync_set_with(&mut self, name: &str, peer: &PeerId) {
         if !self.connected.contains(peer) {
             return;
@@ -717,11 +1190,12 @@ impl Replica {
         let Some(set) = self.sets.get_mut(name) else {
             return;
         };
-        if set.unpersisted_local > 0 && !faults.send_before_persist_and_reuse_actor {
-            return;
-        }
         let ps = set.peers.entry(peer.clone()).or_default();
         if ps.muted {
+            return;
+        }
+        if set.unpersisted_local > 0 && !faults.send_before_persist_and_reuse_actor {
+            ps.deferred = true;
             return;
         }
         let doc: &Automerge = set.doc.automerge();
@@ -732,8 +1206,12 @@ impl Replica {
             ps.muted = true;
             return;
         }
+        let heads = message.heads.clone();
         match wire::encode(FrameKind::Sync, name, &message.encode(), max) {
-            Ok(frame) => self.transmits.push_back((peer.clone(), frame)),
+            Ok(frame) => {
+                self.transmits.push_back((peer.clone(), frame));
+                ps.told = Some(heads);
+            }
             Err(error) => {
                 ps.state = fresh_session(&ps.state);
                 self.events.push_back(Event::ProtocolError {
@@ -778,6 +1256,29 @@ fn changes_after(doc: &Automerge, known: &[ChangeHash]) -> usize {
 /// A sync state for a new session: only the shared heads survive, as after a reconnect.
 fn fresh_session(state: &sync::State) -> sync::State {
     sync::State::decode(&state.encode()).unwrap_or_default()
+}
+
+/// Parses the change chunks of a changes frame: each must be a complete, checksummed Automerge
+/// change (a whole document is never pushed).
+fn parse_changes(mut rest: &[u8]) -> Result<Vec<automerge::Change>, Error> {
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let (chunk_type, chunk, tail) = split_chunk(rest)?;
+        rest = tail;
+        match chunk_type {
+            CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => {
+                let change = automerge::Change::try_from(chunk)
+                    .map_err(|e| Error::Protocol(format!("change chunk: {e}")))?;
+                out.push(change);
+            }
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected chunk type {other} in a changes frame"
+                )))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Refuses sync messages no honest peer sends, before any of it reaches the document: more than

@@ -366,6 +366,80 @@ fn a_lost_change_is_resent_as_soon_as_the_peer_asks_for_it() {
     assert!(delivered < 20, "{delivered} frames exchanged");
 }
 
+/// Frame kind byte (after the version byte).
+fn kind(frame: &[u8]) -> wire::FrameKind {
+    wire::decode(frame, 1 << 20).unwrap().kind
+}
+
+#[test]
+fn only_the_author_pushes_a_change_and_the_others_announce_heads() {
+    let mut c = Cluster::new(4);
+    c.write(0, put_flag("f")).unwrap();
+    c.settle();
+    c.in_flight.clear();
+    c.write(
+        0,
+        WriteCommand::SetDefaultVariant {
+            key: "f".into(),
+            default_variant: DefaultVariant::Key("off".into()),
+        },
+    )
+    .unwrap();
+    let mut carrying = Vec::new();
+    let mut frames = 0;
+    while !c.in_flight.is_empty() && frames < 200 {
+        let (from, _, frame) = &c.in_flight[0];
+        if kind(frame) != wire::FrameKind::Heads {
+            carrying.push((*from, kind(frame)));
+        }
+        c.deliver(0);
+        frames += 1;
+    }
+    assert!(c.converged());
+    // One push per peer from the author; everything else is heads (3 receivers × 3 peers).
+    assert_eq!(
+        carrying,
+        vec![(0, wire::FrameKind::Changes); 3],
+        "{carrying:?}"
+    );
+    assert_eq!(frames, 3 + 9, "{frames} frames");
+}
+
+#[test]
+fn anti_entropy_between_peers_in_sync_sends_nothing() {
+    let mut c = Cluster::new(3);
+    c.write(0, put_flag("f")).unwrap();
+    c.settle();
+    assert!(c.converged());
+    c.in_flight.clear();
+    for _ in 0..5 {
+        c.tick(1_000);
+    }
+    assert!(c.in_flight.is_empty(), "{} frames", c.in_flight.len());
+}
+
+#[test]
+fn a_node_that_missed_the_push_asks_a_peer_that_announced_it() {
+    let mut c = Cluster::new(3);
+    c.write(0, put_flag("f")).unwrap();
+    c.settle();
+    c.write(0, put_flag("g")).unwrap();
+    // The push to node 2 is lost; node 1's heads announcement reaches node 2, which asks node 1.
+    c.in_flight
+        .retain(|(from, to, _)| !(*from == 0 && *to == 2));
+    let mut kinds = Vec::new();
+    while !c.in_flight.is_empty() {
+        let (from, to, frame) = &c.in_flight[0];
+        if *to == 2 || *from == 2 {
+            kinds.push(kind(frame));
+        }
+        c.deliver(0);
+    }
+    assert!(c.converged(), "not repaired without anti-entropy");
+    assert!(kinds.contains(&wire::FrameKind::Need), "{kinds:?}");
+    assert!(!kinds.contains(&wire::FrameKind::Sync), "{kinds:?}");
+}
+
 #[test]
 fn the_planted_drop_without_retry_bug_leaves_a_peer_behind() {
     let mut c = Cluster::with_faults(

@@ -3,17 +3,28 @@
 //! ```text
 //! +---------+------+----------+-----------------+----------------------+---------+
 //! | version | kind | name len | name (UTF-8)    | payload len (u32 BE) | payload |
-//! |   u8=1  |  u8  |    u8    | 1..=128 bytes   |                      |         |
+//! |   u8=2  |  u8  |    u8    | 1..=128 bytes   |                      |         |
 //! +---------+------+----------+-----------------+----------------------+---------+
 //! ```
+//!
+//! Kinds: `1` an Automerge sync message; `2` changes (the sender's heads, then complete Automerge
+//! change chunks), pushed by the node that made them or sent on request; `3` the sender's heads
+//! only; `4` hashes of changes the sender asks for. Heads and hash lists are encoded as a u16 BE
+//! count followed by that many 32-byte change hashes.
 //!
 //! The payload length is explicit so that a truncated or padded frame is detected here, before any
 //! of it reaches Automerge. The transport (crates/gossip) adds its own length prefix per frame.
 
 use crate::Error;
 
-/// The only frame version this build speaks.
-pub const VERSION: u8 = 1;
+/// The only frame version this build speaks (2: sync, changes and heads frames; 1 had sync only).
+pub const VERSION: u8 = 2;
+
+/// Most heads a frame may list (a document has one head per concurrent branch; honest peers
+/// list a handful).
+pub const MAX_HEADS: usize = 1_024;
+
+const HASH_BYTES: usize = 32;
 
 /// Longest flag-set name, in bytes.
 pub const MAX_FLAG_SET_NAME_BYTES: usize = 128;
@@ -28,18 +39,30 @@ const HEADER_BYTES: usize = 3;
 pub enum FrameKind {
     /// An Automerge sync message for one flag set.
     Sync,
+    /// Changes pushed by the node that made them: the sender's heads, then change chunks.
+    Changes,
+    /// The sender's heads of one flag set, and nothing else.
+    Heads,
+    /// Hashes of changes the sender heard of and asks for (answered with a changes frame).
+    Need,
 }
 
 impl FrameKind {
     fn code(self) -> u8 {
         match self {
             FrameKind::Sync => 1,
+            FrameKind::Changes => 2,
+            FrameKind::Heads => 3,
+            FrameKind::Need => 4,
         }
     }
 
     fn from_code(code: u8) -> Option<Self> {
         match code {
             1 => Some(FrameKind::Sync),
+            2 => Some(FrameKind::Changes),
+            3 => Some(FrameKind::Heads),
+            4 => Some(FrameKind::Need),
             _ => None,
         }
     }
@@ -136,6 +159,46 @@ pub fn decode(bytes: &[u8], max_frame_bytes: usize) -> Result<Frame<'_>, Error> 
     })
 }
 
+/// Appends `heads` as a u16 BE count and the 32-byte hashes; fails over [`MAX_HEADS`].
+pub fn encode_heads(heads: &[automerge::ChangeHash], out: &mut Vec<u8>) -> Result<(), Error> {
+    let count = u16::try_from(heads.len())
+        .ok()
+        .filter(|&n| usize::from(n) <= MAX_HEADS)
+        .ok_or_else(|| Error::Protocol(format!("{} heads are too many", heads.len())))?;
+    out.extend_from_slice(&count.to_be_bytes());
+    for h in heads {
+        out.extend_from_slice(&h.0);
+    }
+    Ok(())
+}
+
+/// Reads a heads list from the start of `payload`: (heads, the rest). Refuses a truncated list
+/// or a count over [`MAX_HEADS`].
+pub fn decode_heads(payload: &[u8]) -> Result<(Vec<automerge::ChangeHash>, &[u8]), Error> {
+    let bad = |why: &str| Error::Protocol(format!("heads list: {why}"));
+    let [hi, lo, rest @ ..] = payload else {
+        return Err(bad("shorter than its count"));
+    };
+    let count = usize::from(u16::from_be_bytes([*hi, *lo]));
+    if count > MAX_HEADS {
+        return Err(bad("too many heads"));
+    }
+    let len = count * HASH_BYTES;
+    if rest.len() < len {
+        return Err(bad("truncated"));
+    }
+    let (list, rest) = rest.split_at(len);
+    let heads = list
+        .chunks_exact(HASH_BYTES)
+        .map(|c| {
+            let mut h = [0u8; HASH_BYTES];
+            h.copy_from_slice(c);
+            automerge::ChangeHash(h)
+        })
+        .collect();
+    Ok((heads, rest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,14 +234,56 @@ mod tests {
         let bytes = encode(FrameKind::Sync, "p", &[0; 100], 1000).unwrap();
         assert!(decode(&bytes, 50).is_err());
         let mut wrong_version = bytes.clone();
-        wrong_version[0] = 2;
+        wrong_version[0] = VERSION + 1;
         assert!(decode(&wrong_version, 1000).is_err());
+    }
+
+    #[test]
+    fn heads_round_trip_and_truncations_are_refused() {
+        let heads = vec![
+            automerge::ChangeHash([7; 32]),
+            automerge::ChangeHash([9; 32]),
+        ];
+        let mut bytes = Vec::new();
+        encode_heads(&heads, &mut bytes).unwrap();
+        bytes.extend_from_slice(b"tail");
+        let (got, rest) = decode_heads(&bytes).unwrap();
+        assert_eq!(got, heads);
+        assert_eq!(rest, b"tail");
+        for cut in 0..2 + 64 {
+            assert!(
+                decode_heads(&bytes[..cut]).is_err(),
+                "cut at {cut} accepted"
+            );
+        }
+        let too_many = [0xff, 0xff];
+        assert!(decode_heads(&too_many).is_err());
+    }
+
+    #[test]
+    fn every_kind_round_trips_and_unknown_kinds_are_refused() {
+        for kind in [
+            FrameKind::Sync,
+            FrameKind::Changes,
+            FrameKind::Heads,
+            FrameKind::Need,
+        ] {
+            let bytes = encode(kind, "p", b"x", 100).unwrap();
+            assert_eq!(decode(&bytes, 100).unwrap().kind, kind);
+        }
+        let mut bytes = encode(FrameKind::Heads, "p", b"x", 100).unwrap();
+        bytes[1] = 5;
+        assert!(decode(&bytes, 100).is_err());
+        bytes[1] = 3;
+        bytes[0] = 1;
+        assert!(decode(&bytes, 100).is_err(), "a version 1 frame is refused");
     }
 
     proptest! {
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode(&bytes, 200);
+            let _ = decode_heads(&bytes);
         }
     }
 }
