@@ -218,9 +218,10 @@ struct FlagSetState {
     /// a change it heard of is answered without Automerge re-encoding it.
     recent: BTreeMap<ChangeHash, Vec<u8>>,
     recent_order: VecDeque<ChangeHash>,
-    /// Changes asked of some peer since the last anti-entropy round (asked once, not of every
-    /// peer that announces them).
-    requested: BTreeSet<ChangeHash>,
+    /// Changes asked of a peer, with the peer and when: asked again (of whoever announces them)
+    /// only once that peer is gone or [`REASK_AFTER_MS`] passed, not of every peer that
+    /// announces them at once.
+    requested: BTreeMap<ChangeHash, (PeerId, Timestamp)>,
     /// Requests from peers that arrived while local changes were unpersisted, answered after.
     deferred_needs: Vec<(PeerId, Vec<ChangeHash>)>,
 }
@@ -234,7 +235,7 @@ impl FlagSetState {
             unsent_local: Vec::new(),
             recent: BTreeMap::new(),
             recent_order: VecDeque::new(),
-            requested: BTreeSet::new(),
+            requested: BTreeMap::new(),
             deferred_needs: Vec::new(),
         }
     }
@@ -262,6 +263,9 @@ impl FlagSetState {
 
 /// How many recent changes per flag set are kept encoded to answer peers' requests.
 const RECENT_CHANGES: usize = 256;
+
+/// A change asked of a peer is asked again (of a peer that announces it) after this long.
+const REASK_AFTER_MS: u64 = 1_000;
 
 #[derive(Debug)]
 struct Pending {
@@ -545,9 +549,7 @@ impl Replica {
                 ps.told = None;
                 ps.deferred = false;
             }
-            // Our heads first: a peer that lacks something asks for it (or, far behind, starts
-            // a sync session whose bloom filter starts from the heads we last shared).
-            self.tell_heads(&name, &peer);
+            self.sync_set_with(&name, &peer);
         }
     }
 
@@ -569,11 +571,10 @@ impl Replica {
     /// A frame from `peer`. Anything malformed, oversized or unusable yields
     /// [`Event::ProtocolError`] and changes no document. Frames from peers not added are ignored.
     pub fn handle_message(&mut self, peer: &PeerId, bytes: &[u8], now: Timestamp) {
-        let _ = now;
         if !self.connected.contains(peer) {
             return;
         }
-        if let Err(error) = self.receive(peer, bytes) {
+        if let Err(error) = self.receive(peer, bytes, now) {
             self.events.push_back(Event::ProtocolError {
                 peer: peer.clone(),
                 error,
@@ -698,7 +699,7 @@ impl Replica {
         out
     }
 
-    fn receive(&mut self, peer: &PeerId, bytes: &[u8]) -> Result<(), Error> {
+    fn receive(&mut self, peer: &PeerId, bytes: &[u8], now: Timestamp) -> Result<(), Error> {
         let frame = wire::decode(bytes, self.config.max_frame_bytes)?;
         let name = frame.flag_set.to_owned();
         match frame.kind {
@@ -727,7 +728,7 @@ impl Replica {
                 }
                 self.ensure_set(&name)
                     .map_err(|e| Error::Protocol(e.to_string()))?;
-                self.receive_heads(peer, &name, heads);
+                self.receive_heads(peer, &name, heads, now);
                 Ok(())
             }
             FrameKind::Need => {
@@ -862,20 +863,43 @@ impl Replica {
     }
 
     /// A peer's heads. If it holds something we lack, fetch it with a sync session.
-    fn receive_heads(&mut self, peer: &PeerId, name: &str, their_heads: Vec<ChangeHash>) {
+    fn receive_heads(
+        &mut self,
+        peer: &PeerId,
+        name: &str,
+        their_heads: Vec<ChangeHash>,
+        now: Timestamp,
+    ) {
         let Some(set) = self.sets.get_mut(name) else {
             return;
         };
         let doc = set.doc.automerge();
         if their_heads.iter().all(|h| has_change(doc, h)) {
-            self.note_peer_heads(name, peer, their_heads);
+            let behind = their_heads != set.doc.heads();
+            self.note_peer_heads(name, peer, their_heads.clone());
+            let noted = self
+                .sets
+                .get(name)
+                .and_then(|s| s.peers.get(peer))
+                .is_some_and(|ps| ps.known.as_ref() == Some(&their_heads));
+            if behind && noted {
+                // The peer lacks some of ours (what we told it was lost, or it was cut off):
+                // tell it our heads now rather than at the next anti-entropy round.
+                self.tell_heads(name, peer);
+            }
             return;
         }
         // Ask this peer for the heads we lack (once, whoever announces them); if their own
         // dependencies are missing too, the answer shows a gap and a sync session fills it.
         let missing: Vec<ChangeHash> = their_heads
             .iter()
-            .filter(|h| !has_change(doc, h) && !set.requested.contains(h))
+            .filter(|h| {
+                !has_change(doc, h)
+                    && set.requested.get(h).is_none_or(|(asked, at)| {
+                        !self.connected.contains(asked)
+                            || now.0.saturating_sub(at.0) >= REASK_AFTER_MS
+                    })
+            })
             .copied()
             .collect();
         if missing.is_empty() {
@@ -892,7 +916,9 @@ impl Replica {
         if let Ok(frame) =
             wire::encode(FrameKind::Need, name, &payload, self.config.max_frame_bytes)
         {
-            set.requested.extend(missing);
+            for h in missing {
+                set.requested.insert(h, (peer.clone(), now));
+            }
             self.transmits.push_back((peer.clone(), frame));
         }
     }
