@@ -92,8 +92,8 @@ pub fn timeline_svg(timeline: &Timeline, title: &str) -> String {
     let bottom = y(rows);
     let _ = writeln!(
         s,
-        r#"<line x1="{live}" x2="{live}" y1="{top}" y2="{bottom}" stroke="black" stroke-dasharray="4 3"/><text x="{}" y="{}">liveness phase</text>"#,
-        live + 3.0,
+        r#"<line x1="{live}" x2="{live}" y1="{top}" y2="{bottom}" stroke="black" stroke-dasharray="4 3"/><text x="{}" y="{}" text-anchor="end">liveness phase →</text>"#,
+        live - 3.0,
         top - 5.0
     );
     for i in 0..=10 {

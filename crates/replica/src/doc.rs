@@ -255,9 +255,14 @@ impl FlagSetDoc {
         Ok(FlagSetDoc { doc, identity })
     }
 
-    /// The whole document, compacted.
+    /// The whole document, compacted: the changes applied, never changes Automerge holds back
+    /// for a missing dependency (a snapshot with such an orphan would not load, and the orphan is
+    /// stored with a persist request once it applies).
     pub fn save(&self) -> Vec<u8> {
-        self.doc.save()
+        self.doc.save_with_options(automerge::SaveOptions {
+            deflate: true,
+            retain_orphans: false,
+        })
     }
 
     /// The current heads: equal heads mean equal documents.
