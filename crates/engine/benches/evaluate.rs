@@ -25,14 +25,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use foldhash::fast::FixedState;
 use serde_json::{json, Value};
 
-const TARGETING: &str = r#"{"if": [{"and": [
-    {"==": [{"var": "plan"}, "enterprise"]},
-    {">=": [{"var": "seats"}, 100]},
-    {"in": [{"var": "country"}, ["NZ", "IE", "PT"]]}
-]}, "on", "off"]}"#;
-const FRACTIONAL: &str = r#"{"fractional": [["a", 50], ["b", 25], ["c", 25]]}"#;
-const SEMVER: &str =
-    r#"{"if": [{"sem_ver": [{"var": "appVersion"}, ">=", "4.2.0"]}, "on", "off"]}"#;
+mod fixtures;
+use fixtures::{context_json, datalogic_data, DlFlag, FRACTIONAL, SEMVER, TARGETING};
 
 fn rule(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or(Value::Null)
@@ -80,22 +74,6 @@ fn flag_set(bulk_only: bool) -> CompiledFlagSet {
     compiled
 }
 
-fn context_json() -> Value {
-    json!({"targetingKey": "user-12345", "plan": "enterprise", "seats": 150, "country": "PT",
-           "appVersion": "4.10.2", "email": "ann@example.com"})
-}
-
-/// One flag as a flag server built on datalogic-rs would hold it.
-struct DlFlag {
-    /// None for a flag without targeting.
-    rule: Option<datalogic_rs::Logic>,
-    variants: Vec<(String, Value)>,
-    default: usize,
-    /// The request's context with flagd's `$flagd` enrichment for this flag, parsed once outside
-    /// the timed loop (this spares datalogic the per-flag enrichment Bunting does inside it).
-    data: datalogic_rs::ParsedData,
-}
-
 struct Datalogic {
     engine: datalogic_rs::Engine,
     data: datalogic_rs::ParsedData,
@@ -104,77 +82,6 @@ struct Datalogic {
     flags: HashMap<String, DlFlag, FixedState>,
     /// The 100 bulk flags, in key order.
     bulk: Vec<(String, DlFlag)>,
-}
-
-impl DlFlag {
-    fn new(engine: &datalogic_rs::Engine, key: &str, kind: usize) -> DlFlag {
-        let bool_variants = || {
-            vec![
-                ("on".to_owned(), json!(true)),
-                ("off".to_owned(), json!(false)),
-            ]
-        };
-        let data = datalogic_data(key);
-        match kind {
-            0 => DlFlag {
-                rule: None,
-                variants: bool_variants(),
-                default: 0,
-                data,
-            },
-            1 => DlFlag {
-                rule: Some(engine.compile(TARGETING).unwrap()),
-                variants: bool_variants(),
-                default: 1,
-                data,
-            },
-            2 => DlFlag {
-                rule: Some(engine.compile(FRACTIONAL).unwrap()),
-                variants: vec![
-                    ("a".to_owned(), json!("A")),
-                    ("b".to_owned(), json!("B")),
-                    ("c".to_owned(), json!("C")),
-                ],
-                default: 0,
-                data,
-            },
-            _ => DlFlag {
-                rule: Some(engine.compile(SEMVER).unwrap()),
-                variants: bool_variants(),
-                default: 1,
-                data,
-            },
-        }
-    }
-
-    /// The flag's value for `data`, as flagd resolves it: the variant the rule names, the
-    /// default on null; None for a result naming no variant (an error).
-    fn resolve<'f>(&'f self, session: &mut datalogic_rs::Session<'_>) -> Option<&'f Value> {
-        let Some(rule) = &self.rule else {
-            return Some(&self.variants[self.default].1);
-        };
-        let found = match session.eval_borrowed(rule, black_box(&self.data)) {
-            Ok(v) if v.is_null() => Some(self.default),
-            Ok(v) => {
-                let name = match v.as_bool() {
-                    Some(true) => Some("true"),
-                    Some(false) => Some("false"),
-                    None => v.as_str(),
-                };
-                name.and_then(|n| self.variants.iter().position(|(k, _)| k == n))
-            }
-            Err(_) => None,
-        };
-        session.reset();
-        found.map(|i| &self.variants[i].1)
-    }
-}
-
-/// The context as datalogic reads it, with flagd's enrichment for `flag_key` given as data.
-fn datalogic_data(flag_key: &str) -> datalogic_rs::ParsedData {
-    let mut data = context_json();
-    data["$flagd"] = json!({"flagKey": flag_key, "timestamp": 1_700_000_000});
-    datalogic_rs::ParsedData::from_json(&data.to_string()).unwrap()
 }
 
 fn datalogic_setup() -> Datalogic {

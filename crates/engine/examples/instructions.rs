@@ -18,20 +18,11 @@ use bunting_engine::{CompileOptions, CompiledFlagSet, EvaluationContext};
 use bunting_model::FlagSet;
 use serde_json::{json, Value};
 
-const TARGETING: &str = r#"{"if": [{"and": [
-    {"==": [{"var": "plan"}, "enterprise"]},
-    {">=": [{"var": "seats"}, 100]},
-    {"in": [{"var": "country"}, ["NZ", "IE", "PT"]]}
-]}, "on", "off"]}"#;
-const FRACTIONAL: &str = r#"{"fractional": [["a", 50], ["b", 25], ["c", 25]]}"#;
-const SEMVER: &str =
-    r#"{"if": [{"sem_ver": [{"var": "appVersion"}, ">=", "4.2.0"]}, "on", "off"]}"#;
-const KINDS: [&str; 4] = ["static", "targeting", "fractional", "semver"];
+#[path = "../benches/fixtures/mod.rs"]
+mod fixtures;
+use fixtures::{context_json, DlFlag, FRACTIONAL, SEMVER, TARGETING};
 
-fn context_json() -> Value {
-    json!({"targetingKey": "user-12345", "plan": "enterprise", "seats": 150, "country": "PT",
-           "appVersion": "4.10.2", "email": "ann@example.com"})
-}
+const KINDS: [&str; 4] = ["static", "targeting", "fractional", "semver"];
 
 fn rule(kind: usize) -> Option<&'static str> {
     [None, Some(TARGETING), Some(FRACTIONAL), Some(SEMVER)][kind]
@@ -57,35 +48,6 @@ fn keys_and_kinds() -> Vec<(String, usize)> {
     let mut keys: Vec<(String, usize)> = (0..4).map(|k| (KINDS[k].to_owned(), k)).collect();
     keys.extend((0..100).map(|i| (format!("bulk-{}-{i:03}", KINDS[i % 4]), i % 4)));
     keys
-}
-
-struct DlFlag {
-    rule: Option<datalogic_rs::Logic>,
-    variants: Vec<(String, Value)>,
-    default: usize,
-    data: datalogic_rs::ParsedData,
-}
-
-impl DlFlag {
-    fn resolve<'f>(&'f self, session: &mut datalogic_rs::Session<'_>) -> Option<&'f Value> {
-        let Some(rule) = &self.rule else {
-            return Some(&self.variants[self.default].1);
-        };
-        let found = match session.eval_borrowed(rule, black_box(&self.data)) {
-            Ok(v) if v.is_null() => Some(self.default),
-            Ok(v) => {
-                let name = match v.as_bool() {
-                    Some(true) => Some("true"),
-                    Some(false) => Some("false"),
-                    None => v.as_str(),
-                };
-                name.and_then(|n| self.variants.iter().position(|(k, _)| k == n))
-            }
-            Err(_) => None,
-        };
-        session.reset();
-        found.map(|i| &self.variants[i].1)
-    }
 }
 
 fn main() {
@@ -137,19 +99,7 @@ fn main() {
             let mut by_key =
                 std::collections::HashMap::with_hasher(foldhash::fast::FixedState::default());
             for (key, kind) in &keys {
-                let mut data = context_json();
-                data["$flagd"] = json!({"flagKey": key, "timestamp": 1_700_000_000});
-                let variants = match flag_json(*kind)["variants"].as_object() {
-                    Some(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                    None => Vec::new(),
-                };
-                let default = if *kind == 2 || *kind == 0 { 0 } else { 1 };
-                let flag = DlFlag {
-                    rule: rule(*kind).map(|r| dl.compile(r).unwrap()),
-                    variants,
-                    default,
-                    data: datalogic_rs::ParsedData::from_json(&data.to_string()).unwrap(),
-                };
+                let flag = DlFlag::new(&dl, key, *kind);
                 by_key.insert(key.clone(), flag);
             }
             if engine == "datalogic_rule_only" {
