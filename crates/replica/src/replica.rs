@@ -1264,7 +1264,19 @@ fn known_heads(doc: &Automerge, state: &sync::State) -> Vec<ChangeHash> {
 }
 
 /// Whether `doc` holds (has applied) this change; a metadata lookup, no change is rebuilt.
-fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
+pub(crate) fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
+    // `get_change_meta_by_hash` builds the change's metadata (a walk of the op columns); the
+    // missing-deps walk is a hash lookup when nothing is queued, which is nearly always.
+    let missing = doc.get_missing_deps(std::slice::from_ref(hash));
+    if missing.is_empty() {
+        // Nothing queued (queued changes always miss a dependency) and `hash` is not missing.
+        return true;
+    }
+    if missing.contains(hash) {
+        // Neither applied nor queued.
+        return false;
+    }
+    // Applied, or queued behind a missing dependency: only the metadata lookup tells which.
     doc.get_change_meta_by_hash(hash).is_some()
 }
 

@@ -860,3 +860,33 @@ fn a_snapshot_leaves_out_a_change_held_back_for_a_missing_dependency() {
     let loaded = FlagSetDoc::load(Some(&doc.save()), &[], id).unwrap();
     assert_eq!(loaded.heads(), doc.heads());
 }
+
+#[test]
+fn has_change_tells_applied_from_queued_and_unknown_changes() {
+    use crate::replica::has_change;
+    let mut c = Cluster::new(2);
+    c.write(0, put_flag("a")).unwrap();
+    c.write(0, put_flag("b")).unwrap();
+    let doc0 = c.nodes[0].replica.flag_set(SET).unwrap().clone();
+    let changes = doc0.automerge().get_changes(&[]);
+    let first = changes[changes.len() - 2].clone();
+    let last = changes.last().unwrap().clone();
+    let id = Identity {
+        node: "x".into(),
+        region: "r".into(),
+        incarnation: 1,
+    };
+    let mut doc = FlagSetDoc::new(id);
+    let genesis = doc.heads()[0];
+    // Nothing queued: the fast path answers.
+    assert!(has_change(doc.automerge(), &genesis));
+    assert!(!has_change(doc.automerge(), &last.hash()));
+    // `last` waits for `first`: queued is not applied, and applied stays applied.
+    doc.automerge_mut().apply_changes([last.clone()]).unwrap();
+    assert!(!has_change(doc.automerge(), &last.hash()));
+    assert!(!has_change(doc.automerge(), &first.hash()));
+    assert!(has_change(doc.automerge(), &genesis));
+    doc.automerge_mut().apply_changes([first.clone()]).unwrap();
+    assert!(has_change(doc.automerge(), &first.hash()));
+    assert!(has_change(doc.automerge(), &last.hash()));
+}
