@@ -208,11 +208,11 @@ fn print_report(report: &Report, wall_s: f64) {
     );
     let times = report.convergence_times();
     println!(
-        "convergence after {} heals: p50 {:?} ms, p99 {:?} ms; after the final heal: {:?} ms",
+        "convergence after {} heals: p50 {}, p99 {}; after the final heal: {}",
         report.heals.len(),
-        crate::percentile(&times, 50.0),
-        crate::percentile(&times, 99.0),
-        report.final_convergence_ms
+        millis(crate::percentile(&times, 50.0)),
+        millis(crate::percentile(&times, 99.0)),
+        millis(report.final_convergence_ms)
     );
     println!(
         "simulated {:.1} s in {wall_s:.2} s wall; trace {}",
@@ -304,19 +304,19 @@ fn sweep(cli: &SimArgs, range: &str, scenario: Option<Scenario>) -> Result<Outco
         summary.seeds as f64 / minutes.max(1e-9)
     );
     println!(
-        "convergence after {} heals ({} converged before new faults): p50 {:?} ms, p90 {:?} ms, p99 {:?} ms, max {:?} ms",
+        "convergence after {} heals ({} converged before new faults): p50 {}, p90 {}, p99 {}, max {}",
         summary.heals,
         summary.heals_converged,
-        summary.convergence_p50_ms,
-        summary.convergence_p90_ms,
-        summary.convergence_p99_ms,
-        summary.convergence_max_ms
+        millis(summary.convergence_p50_ms),
+        millis(summary.convergence_p90_ms),
+        millis(summary.convergence_p99_ms),
+        millis(summary.convergence_max_ms)
     );
     println!(
-        "after the final heal: p50 {:?} ms, p99 {:?} ms, max {:?} ms",
-        summary.final_convergence_p50_ms,
-        summary.final_convergence_p99_ms,
-        summary.final_convergence_max_ms
+        "after the final heal: p50 {}, p99 {}, max {}",
+        millis(summary.final_convergence_p50_ms),
+        millis(summary.final_convergence_p99_ms),
+        millis(summary.final_convergence_max_ms)
     );
     for (cmd, why) in &summary.failures {
         println!("FAILED: {why}\n  replay: {cmd}");
@@ -326,4 +326,9 @@ fn sweep(cli: &SimArgs, range: &str, scenario: Option<Scenario>) -> Result<Outco
         write_out(path, &text)?;
     }
     Ok(summary.worst())
+}
+
+/// A duration in milliseconds for the summary lines; "none" when nothing was measured.
+fn millis(ms: Option<u64>) -> String {
+    ms.map_or_else(|| "none".to_owned(), |ms| format!("{ms} ms"))
 }
