@@ -1263,7 +1263,8 @@ fn known_heads(doc: &Automerge, state: &sync::State) -> Vec<ChangeHash> {
     }
 }
 
-/// Whether `doc` holds (has applied) this change; a metadata lookup, no change is rebuilt.
+/// Whether `doc` holds (has applied) this change. Heads frames ask this for every hash, so the
+/// usual case is a lookup in the change graph, without building the change or its metadata.
 pub(crate) fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
     // `get_change_meta_by_hash` builds the change's metadata (a walk of the op columns); the
     // missing-deps walk is a hash lookup when nothing is queued, which is nearly always.
