@@ -240,3 +240,51 @@ fn sigkill(child: &mut Child) {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// More writes than `COMPACT_AFTER_CHANGES`: the node compacts the flag set into a snapshot on its
+/// own, and a restart from that snapshot plus the changes after it gives back the same document.
+#[tokio::test]
+async fn a_compacted_flag_set_restarts_with_every_write() {
+    use bunting_store::{RedbStore, Store, COMPACT_AFTER_CHANGES};
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(common::config(dir.path())).await;
+    let writes = COMPACT_AFTER_CHANGES + 30;
+    for i in 0..writes {
+        let variant = if i % 2 == 0 { "blue" } else { "green" };
+        let (s, body) = node
+            .call(
+                Method::PATCH,
+                "/api/v1/flagsets/default/flags/button-color",
+                Some(ADMIN),
+                Some(json!({"defaultVariant": variant})),
+            )
+            .await;
+        assert_eq!(s, 200, "write {i}: {body}");
+    }
+    let stored = node.stored("default").await;
+    node.stop().await.unwrap();
+
+    {
+        let store = RedbStore::open(dir.path().join("data").join("bunting.redb")).unwrap();
+        let since = store.changes_since_snapshot("default").unwrap();
+        assert!(
+            since < writes,
+            "{since} changes since the snapshot after {writes} writes: the node never compacted"
+        );
+        assert!(store.load("default").unwrap().snapshot.is_some());
+    }
+
+    let node = TestNode::start(common::config(dir.path())).await;
+    assert_eq!(node.stored("default").await, stored);
+    let (_, b) = node
+        .call(
+            Method::GET,
+            "/api/v1/flagsets/default/flags/button-color",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    // The last write (an odd index) set "green".
+    assert_eq!(b["defaultVariant"], json!("green"), "{b}");
+    node.stop().await.unwrap();
+}
