@@ -66,13 +66,7 @@ fn main() {
     let mut found = 0usize;
     match engine {
         "bunting" => {
-            let flags: serde_json::Map<String, Value> = keys
-                .iter()
-                .map(|(k, kind)| (k.clone(), flag_json(*kind)))
-                .collect();
-            let set = FlagSet::from_value(&json!({ "flags": flags })).unwrap();
-            let set = CompiledFlagSet::compile(&set, &CompileOptions::default());
-            let ctx = EvaluationContext::from_value(&context_json(), 1_700_000_000).unwrap();
+            let (set, ctx) = compiled(keys.iter());
             for _ in 0..n {
                 for (key, _) in &wanted {
                     let r = set.evaluate_ref(black_box(key), black_box(&ctx));
@@ -82,13 +76,7 @@ fn main() {
         }
         // Every flag of a set of the 100 bulk flags, as OFREP bulk evaluation answers.
         "bunting_all" => {
-            let flags: serde_json::Map<String, Value> = wanted
-                .iter()
-                .map(|(k, kind)| (k.clone(), flag_json(*kind)))
-                .collect();
-            let set = FlagSet::from_value(&json!({ "flags": flags })).unwrap();
-            let set = CompiledFlagSet::compile(&set, &CompileOptions::default());
-            let ctx = EvaluationContext::from_value(&context_json(), 1_700_000_000).unwrap();
+            let (set, ctx) = compiled(wanted.iter().copied());
             for _ in 0..n {
                 found += set.evaluate_all_ref(black_box(&ctx)).len();
             }
@@ -134,4 +122,17 @@ fn main() {
         other => panic!("unknown engine {other}"),
     }
     println!("{found}");
+}
+
+/// The given fixture flags compiled into one set, and the fixture context.
+fn compiled<'a>(
+    flags: impl Iterator<Item = &'a (String, usize)>,
+) -> (CompiledFlagSet, EvaluationContext) {
+    let flags: serde_json::Map<String, Value> = flags
+        .map(|(k, kind)| (k.clone(), flag_json(*kind)))
+        .collect();
+    let set = FlagSet::from_value(&json!({ "flags": flags })).unwrap();
+    let set = CompiledFlagSet::compile(&set, &CompileOptions::default());
+    let ctx = EvaluationContext::from_value(&context_json(), 1_700_000_000).unwrap();
+    (set, ctx)
 }

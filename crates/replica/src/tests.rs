@@ -839,19 +839,28 @@ proptest! {
     }
 }
 
-#[test]
-fn a_snapshot_leaves_out_a_change_held_back_for_a_missing_dependency() {
+/// Two changes written one after the other on a replica (the second depends on the first), and
+/// the identity of another node to apply them to.
+fn two_dependent_changes() -> (automerge::Change, automerge::Change, Identity) {
     let mut c = Cluster::new(2);
     c.write(0, put_flag("a")).unwrap();
     c.write(0, put_flag("b")).unwrap();
     let doc0 = c.nodes[0].replica.flag_set(SET).unwrap().clone();
     let changes = doc0.automerge().get_changes(&[]);
-    let last = changes.last().unwrap().clone();
+    let [.., first, last] = changes.as_slice() else {
+        panic!("two writes give at least two changes");
+    };
     let id = Identity {
         node: "x".into(),
         region: "r".into(),
         incarnation: 1,
     };
+    (first.clone(), last.clone(), id)
+}
+
+#[test]
+fn a_snapshot_leaves_out_a_change_held_back_for_a_missing_dependency() {
+    let (_, last, id) = two_dependent_changes();
     // A document that got only the last change: Automerge holds it back (its dependency is
     // missing), and a snapshot must not contain it, or the snapshot would not load.
     let mut doc = FlagSetDoc::new(id.clone());
@@ -864,18 +873,7 @@ fn a_snapshot_leaves_out_a_change_held_back_for_a_missing_dependency() {
 #[test]
 fn has_change_tells_applied_from_queued_and_unknown_changes() {
     use crate::replica::has_change;
-    let mut c = Cluster::new(2);
-    c.write(0, put_flag("a")).unwrap();
-    c.write(0, put_flag("b")).unwrap();
-    let doc0 = c.nodes[0].replica.flag_set(SET).unwrap().clone();
-    let changes = doc0.automerge().get_changes(&[]);
-    let first = changes[changes.len() - 2].clone();
-    let last = changes.last().unwrap().clone();
-    let id = Identity {
-        node: "x".into(),
-        region: "r".into(),
-        incarnation: 1,
-    };
+    let (first, last, id) = two_dependent_changes();
     let mut doc = FlagSetDoc::new(id);
     let genesis = doc.heads()[0];
     // Nothing queued: the fast path answers.
