@@ -228,6 +228,9 @@ pub struct Derived {
     pub fault_classes: Vec<String>,
 }
 
+/// Share of seeds whose workload is a write storm (12–30 writes a simulated minute).
+pub const WRITE_STORM_SHARE: f64 = 0.1;
+
 impl Derived {
     /// Derives every option from the run's RNG (the first draws of the seed).
     pub fn derive(options: &Options, rng: &mut impl Rng) -> Derived {
@@ -271,12 +274,22 @@ impl Derived {
         let idle_timeout_ms = rng.random_range(1_000..=10_000);
         let reconnect_min = rng.random_range(50..=500);
         let reconnect_ms = (reconnect_min, reconnect_min + rng.random_range(0..=2_000));
-        let writes_per_minute = rng.random_range(2.0..30.0);
+        // Most seeds write 1–12 times a simulated minute (60–720 an hour: tens of times what a
+        // production flag service sees); one in ten is a write storm of 12–30 a minute. Automerge's
+        // cost per change grows with the document's history, so a seed's cost grows faster than
+        // its write count: storms in every seed would make sweeps 3× slower for the same faults.
+        let writes_per_minute = if rng.random_bool(WRITE_STORM_SHARE) {
+            rng.random_range(12.0..30.0)
+        } else {
+            rng.random_range(1.0..12.0)
+        };
         let writes_per_minute = options.rates.writes_per_minute.unwrap_or(writes_per_minute);
         let concurrent_share = rng.random_range(0.05..0.3);
         let upload_share = rng.random_range(0.0..0.1);
         let evaluations_per_minute = rng.random_range(5.0..60.0);
-        let compact_after = if rng.random_bool(0.5) {
+        // A quarter of the seeds compact far more often than a node does, to put crashes and
+        // restarts next to fresh snapshots; each compaction saves the whole document.
+        let compact_after = if rng.random_bool(0.25) {
             rng.random_range(10..=100)
         } else {
             bunting_store::COMPACT_AFTER_CHANGES
