@@ -775,6 +775,11 @@ impl Simulation {
             }
             Event::FlagSetChanged { flag_set, heads } => self.on_doc_changed(n, &flag_set, heads),
             Event::PeerSynced { .. } => {}
+            // Only after `persist_failed`, which simulated disks do not call yet: the write was
+            // refused, so it is no longer waiting for an acknowledgement.
+            Event::WriteRefused { id, .. } => {
+                self.nodes[n].pending_writes.remove(&id);
+            }
             Event::ProtocolError { peer, error } => {
                 let detail = format!(
                     "{} refused a frame from {}: {error}",

@@ -7,6 +7,14 @@
 /// Largest flagd document accepted, in bytes of JSON text (4 MiB: 10,000 flags of ~400 bytes).
 pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
 
+/// Largest encoded change (one Automerge change, as stored and gossiped) that a valid write can
+/// make, in bytes. A change holds at most one flag (a whole-set upload writes one change per
+/// flag) or the set-level entries, each within [`MAX_DOCUMENT_BYTES`] of JSON text; the encoding
+/// adds keys, the actor, the dependencies and the audit record, far under a quarter more. Every
+/// store backend keeps records of this size (`bunting_store::Limits`) and gossip frames are
+/// larger, so whatever the API accepts, the store can store and the peers can receive.
+pub const MAX_CHANGE_BYTES: usize = MAX_DOCUMENT_BYTES + MAX_DOCUMENT_BYTES / 4;
+
 /// Most flags in one flag set (DESIGN.md §2 plans for 10,000; twice that is allowed).
 pub const MAX_FLAGS: usize = 20_000;
 

@@ -147,7 +147,39 @@ fn refused(r: Refused) -> ApiError {
         )
         .with("current", json!(current))
         .with("heads", json!(heads)),
-        Refused::Store(e) => ApiError::internal(format!("the store failed: {e}")),
+        Refused::Store(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_stored",
+            format!("the write could not be stored and was not applied: {e}"),
+        )
+        .with("applied", json!(false)),
+        Refused::TooLarge(e) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the write was not applied: {e}"),
+        )
+        .with("applied", json!(false)),
+        Refused::Pending { idempotency_key } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "write_pending",
+            match &idempotency_key {
+                Some(_) => "the write is applied on this node but not yet stored; it will be \
+                            stored or taken back: send it again with the same Idempotency-Key \
+                            to get its outcome"
+                    .to_owned(),
+                None => "the write is applied on this node but not yet stored; it will be \
+                         stored or taken back (send an Idempotency-Key with writes to be able \
+                         to ask which)"
+                    .to_owned(),
+            },
+        )
+        .with("applied", json!("pending"))
+        .with("idempotencyKey", json!(idempotency_key)),
+        Refused::KeyReused(key) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            format!("Idempotency-Key {key:?} was used for a different write"),
+        ),
         Refused::Stopped => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "stopping",
@@ -172,11 +204,48 @@ async fn write(
     status: StatusCode,
 ) -> ApiResult {
     let principal = authorize(state, headers, Scope::Write, Some(set))?;
+    let key = idempotency_key(headers)?;
+    // Answer before the request's own timeout, so the client learns the write is pending
+    // rather than getting a bare 408 for a write that goes on.
+    let deadline = state
+        .limits
+        .request_timeout()
+        .saturating_sub(WRITE_ANSWER_MARGIN)
+        .max(WRITE_ANSWER_MARGIN);
     let heads = driver(state)?
-        .write(set, w, if_match(headers), meta(&principal, headers))
+        .write(set, w, if_match(headers), meta(&principal, headers), key, deadline)
         .await
         .map_err(refused)?;
     Ok(with_heads(status, json!({"heads": heads}), &heads))
+}
+
+/// How long before the request timeout a write that is not yet stored answers 503 pending.
+const WRITE_ANSWER_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The `Idempotency-Key` header: 1 to 256 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| {
+            !k.is_empty()
+                && k.len() <= crate::idempotency::MAX_KEY_BYTES
+                && k.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_idempotency_key",
+                format!(
+                    "Idempotency-Key must be 1 to {} visible ASCII characters",
+                    crate::idempotency::MAX_KEY_BYTES
+                ),
+            )
+        })?;
+    Ok(Some(key.to_owned()))
 }
 
 /// `GET /api/v1/flagsets`

@@ -20,7 +20,7 @@
 //! A client that got a 2xx therefore reads its own write from any later evaluation on this node,
 //! and finds it after a crash.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,12 +30,13 @@ use bunting_replica::{
     ChangeHash, ConflictKind, Event, HistoryQuery, PeerId, PersistId, PersistRequest, Replica,
     ReplicaConfig, StoredFlagSet, Timestamp, Write, WriteCommand, WriteId,
 };
-use bunting_store::{Store, COMPACT_AFTER_CHANGES};
+use bunting_store::{Store, StoreError, COMPACT_AFTER_CHANGES};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::gossip_link::Link;
+use crate::idempotency::{self, KeyScope, Lookup};
 use crate::snapshot::Snapshots;
 use crate::NodeError;
 
@@ -183,8 +184,16 @@ pub enum Refused {
         current: Vec<CurrentValue>,
         heads: Vec<String>,
     },
-    /// The store failed; the write was not applied.
+    /// The store failed; the write was taken back and is neither served nor stored.
     Store(String),
+    /// The change the write made is larger than the store keeps in one record or commit; the
+    /// write was taken back.
+    TooLarge(String),
+    /// The write was applied but not yet stored when its deadline passed. It will be stored (and
+    /// served) or taken back; a retry with the same idempotency key answers which.
+    Pending { idempotency_key: Option<String> },
+    /// The idempotency key was used before for a different write.
+    KeyReused(String),
     /// The node is shutting down.
     Stopped,
 }
@@ -230,6 +239,7 @@ enum Command {
         write: Box<AdminWrite>,
         based_on: Option<Vec<String>>,
         meta: WriteMeta,
+        idempotency_key: Option<String>,
         reply: oneshot::Sender<Result<Vec<String>, Refused>>,
     },
     CreateFlagSet {
@@ -256,13 +266,18 @@ pub struct DriverHandle {
 }
 
 impl DriverHandle {
-    /// Applies a write; returns the new heads once it is durable and being served.
+    /// Applies a write; returns the new heads once it is durable and being served. A write
+    /// with an idempotency key that this node has seen (same token, flag set and write) gets
+    /// the first answer and applies nothing new. A write not answered within `deadline` is
+    /// [`Refused::Pending`]: it goes on, and is stored and served, or taken back.
     pub async fn write(
         &self,
         flag_set: &str,
         write: AdminWrite,
         based_on: Option<Vec<String>>,
         meta: WriteMeta,
+        idempotency_key: Option<String>,
+        deadline: Duration,
     ) -> Result<Vec<String>, Refused> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Write {
@@ -270,10 +285,14 @@ impl DriverHandle {
             write: Box::new(write),
             based_on,
             meta,
+            idempotency_key: idempotency_key.clone(),
             reply,
         })
         .await?;
-        rx.await.map_err(|_| Refused::Stopped)?
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(answer) => answer.map_err(|_| Refused::Stopped)?,
+            Err(_) => Err(Refused::Pending { idempotency_key }),
+        }
     }
 
     pub async fn create_flag_set(
@@ -331,15 +350,18 @@ pub struct Identity {
     pub incarnation: u64,
 }
 
-type Reply = oneshot::Sender<Result<Vec<String>, Refused>>;
+/// A write's answer: the heads after it, or why it was refused.
+type WriteAnswer = Result<Vec<String>, Refused>;
+type Reply = oneshot::Sender<WriteAnswer>;
 
 /// The outcome of one persist task.
 struct Persisted {
     id: PersistId,
     flag_set: String,
-    result: Result<u64, String>,
-    /// The request, kept to retry it when the store failed.
-    request: PersistRequest,
+    /// The last stored sequence number, or why nothing was stored.
+    result: Result<u64, Refused>,
+    /// How many changes the request stored.
+    changes: u64,
 }
 
 struct Driver {
@@ -348,8 +370,20 @@ struct Driver {
     snapshots: Arc<Snapshots>,
     /// Writes waiting for their acknowledgement.
     waiting: HashMap<WriteId, Reply>,
-    /// Persist requests in flight, per flag set.
-    in_flight: HashMap<String, usize>,
+    /// Acknowledged writes whose flag set is not yet published again (a persist of it is still
+    /// queued): answered once it is, so a client reads its own write.
+    held_acks: Vec<(WriteId, String)>,
+    /// Idempotency keys of recent keyed writes, and the key of each write still waiting.
+    keys: idempotency::Index<WriteAnswer, Reply>,
+    keyed: HashMap<WriteId, (KeyScope, u64)>,
+    /// Persist requests in the order the replica emitted them; the front one is being stored
+    /// when `storing`. One at a time: a request may hold changes that depend on an earlier one's,
+    /// and the store must never hold a change without its dependencies (the node would refuse
+    /// to start), nor a change of a write that was refused.
+    persists: VecDeque<PersistRequest>,
+    storing: bool,
+    /// Why the last persist of a flag set failed: the answer to the writes it takes back.
+    failures: HashMap<String, Refused>,
     /// Flag sets changed but not yet published (they wait for their persists).
     dirty: BTreeSet<String>,
     /// Highest stored change sequence number per flag set, and changes since its snapshot.
@@ -358,6 +392,8 @@ struct Driver {
     done_rx: mpsc::UnboundedReceiver<Persisted>,
     /// The gossip transport, when this node is part of a cluster.
     link: Option<Link>,
+    /// Set when the store failed and could not be read back: writes are refused with this.
+    broken: Option<String>,
 }
 
 /// Loads every flag set from the store (creating `default`, from `initial` when given, on first
@@ -393,12 +429,18 @@ pub async fn start(
         store,
         snapshots,
         waiting: HashMap::new(),
-        in_flight: HashMap::new(),
+        held_acks: Vec::new(),
+        keys: idempotency::Index::default(),
+        keyed: HashMap::new(),
+        persists: VecDeque::new(),
+        storing: false,
+        failures: HashMap::new(),
         dirty: BTreeSet::new(),
         stored: seqs,
         done_tx,
         done_rx,
         link,
+        broken: None,
     };
     let now = now_ms() / 1000;
     for name in driver.replica.flag_set_names() {
@@ -426,7 +468,14 @@ pub async fn start(
                 ..meta
             };
             handle
-                .write(DEFAULT_FLAG_SET, AdminWrite::ReplaceSet { set }, None, meta)
+                .write(
+                    DEFAULT_FLAG_SET,
+                    AdminWrite::ReplaceSet { set },
+                    None,
+                    meta,
+                    None,
+                    Duration::from_secs(3600),
+                )
                 .await
                 .map_err(|r| NodeError::Config(format!("could not load --flags: {r:?}")))?;
         }
@@ -437,31 +486,60 @@ pub async fn start(
 
 type Loaded = (Vec<StoredFlagSet>, HashMap<String, (u64, u64)>);
 
+/// How long a stopping driver waits for the store to finish what is queued.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Loads every flag set, with the stored sync state of each of `peers`, so a reconnect resumes
 /// the sync instead of starting it over.
 fn load_all(store: &dyn Store, peers: &[String]) -> Result<Loaded, NodeError> {
     let mut sets = Vec::new();
     let mut seqs = HashMap::new();
     for name in store.flag_sets()? {
-        let loaded = store.load(&name)?;
-        let mut sync_states = Vec::new();
+        let (mut set, seq) = load_set(store, &name)?;
         for peer in peers {
             if let Some(state) = store.sync_state(peer, &name)? {
-                sync_states.push((PeerId(peer.clone()), state));
+                set.sync_states.push((PeerId(peer.clone()), state));
             }
         }
-        seqs.insert(
-            name.clone(),
-            (loaded.last_seq(), loaded.changes.len() as u64),
-        );
-        sets.push(StoredFlagSet {
-            name,
-            snapshot: loaded.snapshot.map(|s| s.bytes),
-            changes: loaded.changes.into_iter().map(|c| c.bytes).collect(),
-            sync_states,
-        });
+        seqs.insert(name, seq);
+        sets.push(set);
     }
     Ok((sets, seqs))
+}
+
+/// One flag set as stored (without sync states), with its last sequence number and the number
+/// of changes after its snapshot.
+fn load_set(store: &dyn Store, name: &str) -> Result<(StoredFlagSet, (u64, u64)), NodeError> {
+    let loaded = store.load(name)?;
+    let seq = (loaded.last_seq(), loaded.changes.len() as u64);
+    let set = StoredFlagSet {
+        name: name.to_owned(),
+        snapshot: loaded.snapshot.map(|s| s.bytes),
+        changes: loaded.changes.into_iter().map(|c| c.bytes).collect(),
+        sync_states: Vec::new(),
+    };
+    Ok((set, seq))
+}
+
+/// Stores one persist request: its changes in one commit, then the peers' sync states (which
+/// only save bandwidth). A refusal says whether the change was too large.
+fn store_request(store: &dyn Store, request: &PersistRequest) -> Result<u64, Refused> {
+    let refs: Vec<&[u8]> = request.changes.iter().map(Vec::as_slice).collect();
+    let receipt = store
+        .append_changes(&request.flag_set, &refs)
+        .map_err(|e| match e {
+            StoreError::RecordTooLarge { .. } | StoreError::BatchTooLarge { .. } => {
+                Refused::TooLarge(e.to_string())
+            }
+            other => Refused::Store(other.to_string()),
+        })?;
+    for (PeerId(peer), state) in &request.sync_states {
+        if let Err(e) = store.put_sync_state(peer, &request.flag_set, state) {
+            // The changes are stored; a lost sync state only costs a fuller sync later.
+            tracing::warn!(peer = %peer, error = %e, "storing a sync state failed");
+        }
+    }
+    Ok(receipt.last_seq)
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -492,8 +570,22 @@ impl Driver {
     /// in-flight writes.
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut stopping = false;
+        let mut give_up_at = tokio::time::Instant::now() + SHUTDOWN_GRACE;
         loop {
-            if stopping && self.waiting.is_empty() && self.in_flight.is_empty() {
+            if stopping && self.waiting.is_empty() && self.persists.is_empty() {
+                break;
+            }
+            if stopping && tokio::time::Instant::now() >= give_up_at {
+                // The store has not answered for the whole grace period: stop anyway. The
+                // writes still waiting may or may not be stored; their clients are told so.
+                tracing::error!(
+                    waiting = self.waiting.len(),
+                    "the store did not finish within the shutdown grace period; stopping"
+                );
+                let ids: Vec<WriteId> = self.waiting.keys().copied().collect();
+                for id in ids {
+                    self.answer(id, Err(Refused::Pending { idempotency_key: None }));
+                }
                 break;
             }
             let next_timer = self
@@ -503,10 +595,14 @@ impl Driver {
                 .unwrap_or(Duration::from_secs(3600));
             tokio::select! {
                 command = rx.recv(), if !stopping => match command {
-                    Some(Command::Stop) | None => stopping = true,
+                    Some(Command::Stop) | None => {
+                        stopping = true;
+                        give_up_at = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+                    }
                     Some(command) => self.handle(command).await,
                 },
-                Some(done) = self.done_rx.recv() => self.on_persisted(done),
+                Some(done) = self.done_rx.recv() => self.on_persisted(done).await,
+                _ = tokio::time::sleep_until(give_up_at), if stopping => {}
                 event = Link::next_event(&mut self.link) => self.on_gossip(event),
                 _ = tokio::time::sleep(next_timer) => {
                     self.replica.handle_timeout(Timestamp(now_ms()));
@@ -527,16 +623,55 @@ impl Driver {
                 write,
                 based_on,
                 meta,
+                idempotency_key,
                 reply,
-            } => match self.local_write(&flag_set, *write, based_on, meta) {
-                Ok(id) => {
-                    self.waiting.insert(id, reply);
-                    self.drain();
+            } => {
+                let keyed = idempotency_key.map(|key| {
+                    let fingerprint = idempotency::fingerprint(&(&write, &based_on));
+                    let scope = KeyScope {
+                        token_id: meta.token_id.clone(),
+                        flag_set: flag_set.clone(),
+                        key,
+                    };
+                    (scope, fingerprint)
+                });
+                let mut reply = reply;
+                if let Some((scope, fingerprint)) = &keyed {
+                    match self.keys.lookup(scope, *fingerprint, reply) {
+                        (Lookup::New, Some(r)) => reply = r,
+                        (Lookup::Answered(answer), Some(r)) => {
+                            let _ = r.send(answer);
+                            return;
+                        }
+                        (Lookup::Mismatch, Some(r)) => {
+                            let _ = r.send(Err(Refused::KeyReused(scope.key.clone())));
+                            return;
+                        }
+                        // Joined: the retry waits for the first write's answer.
+                        _ => return,
+                    }
                 }
-                Err(refused) => {
-                    let _ = reply.send(Err(refused));
+                let result = match self.broken.clone() {
+                    Some(why) => Err(Refused::Store(why)),
+                    None => self.local_write(&flag_set, *write, based_on, meta),
+                };
+                match result {
+                    Ok(id) => {
+                        if let Some((scope, fingerprint)) = keyed {
+                            self.keys.start(scope.clone(), fingerprint);
+                            self.keyed.insert(id, (scope, fingerprint));
+                        }
+                        self.waiting.insert(id, reply);
+                        self.drain();
+                    }
+                    Err(refused) => {
+                        if let Some((scope, fingerprint)) = keyed {
+                            let _ = self.keys.finish(&scope, fingerprint, Err(refused.clone()));
+                        }
+                        let _ = reply.send(Err(refused));
+                    }
                 }
-            },
+            }
             Command::CreateFlagSet { name, meta, reply } => {
                 let _ = meta;
                 if self.replica.flag_set(&name).is_some() {
@@ -582,6 +717,10 @@ impl Driver {
                         let _ = reply.send(Ok(heads));
                     }
                     Err(e) => {
+                        tracing::error!(flag_set = %name, error = %e, "storing a new flag set failed");
+                        if let Err(e) = self.replica.forget_unstored_flag_set(&name) {
+                            tracing::error!(flag_set = %name, error = %e, "could not take the flag set back");
+                        }
                         let _ = reply.send(Err(Refused::Store(e)));
                     }
                 }
@@ -807,6 +946,12 @@ impl Driver {
                 }
                 Event::PersistRequest(request) => self.persist(request),
                 Event::WriteAcknowledged { id, flag_set, .. } => acks.push((id, flag_set)),
+                Event::WriteRefused { id, flag_set } => {
+                    let why = self.failures.get(&flag_set).cloned().unwrap_or_else(|| {
+                        Refused::Store("an earlier change could not be stored".into())
+                    });
+                    self.answer(id, Err(why));
+                }
                 Event::PeerSynced { peer, .. } => {
                     if let Some(link) = &self.link {
                         link.status.synced(peer, now_ms());
@@ -832,23 +977,39 @@ impl Driver {
         let ready: Vec<String> = self
             .dirty
             .iter()
-            .filter(|s| self.in_flight.get(*s).copied().unwrap_or(0) == 0)
+            .filter(|s| !self.persist_pending(s))
             .cloned()
             .collect();
         for name in ready {
             self.dirty.remove(&name);
             self.publish(&name, now);
         }
-        // Replies go out after the snapshot swap, so a client reads its own write.
-        for (id, flag_set) in acks {
-            if let Some(reply) = self.waiting.remove(&id) {
-                let heads = self
-                    .replica
-                    .flag_set(&flag_set)
-                    .map(|d| hex_heads(&d.heads()))
-                    .unwrap_or_default();
-                let _ = reply.send(Ok(heads));
+        // Replies go out after the snapshot swap, so a client reads its own write; a flag set
+        // with a persist still queued is published (and its acks sent) once that is stored.
+        self.held_acks.extend(acks);
+        let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_acks)
+            .into_iter()
+            .partition(|(_, set)| !self.dirty.contains(set));
+        self.held_acks = held;
+        for (id, flag_set) in ready {
+            let heads = self
+                .replica
+                .flag_set(&flag_set)
+                .map(|d| hex_heads(&d.heads()))
+                .unwrap_or_default();
+            self.answer(id, Ok(heads));
+        }
+    }
+
+    /// Sends a write's answer to its client, and to the retries that carried its key.
+    fn answer(&mut self, id: WriteId, answer: WriteAnswer) {
+        if let Some((scope, fingerprint)) = self.keyed.remove(&id) {
+            for retry in self.keys.finish(&scope, fingerprint, answer.clone()) {
+                let _ = retry.send(answer.clone());
             }
+        }
+        if let Some(reply) = self.waiting.remove(&id) {
+            let _ = reply.send(answer);
         }
     }
 
@@ -859,74 +1020,105 @@ impl Driver {
         }
     }
 
-    /// Stores a persist request on a blocking thread; the result comes back to the loop.
-    fn persist(&mut self, request: PersistRequest) {
-        *self.in_flight.entry(request.flag_set.clone()).or_default() += 1;
-        self.spawn_persist(request, Duration::ZERO);
+    /// Whether a persist request of `flag_set` waits or is being stored.
+    fn persist_pending(&self, flag_set: &str) -> bool {
+        self.persists.iter().any(|r| r.flag_set == flag_set)
     }
 
-    fn spawn_persist(&self, request: PersistRequest, delay: Duration) {
+    /// Queues a persist request; requests are stored one at a time, in order.
+    fn persist(&mut self, request: PersistRequest) {
+        self.persists.push_back(request);
+        self.store_next();
+    }
+
+    /// Stores the front request on a blocking thread; the result comes back to the loop.
+    fn store_next(&mut self) {
+        if self.storing {
+            return;
+        }
+        let Some(request) = self.persists.front().cloned() else {
+            return;
+        };
+        self.storing = true;
         let store = self.store.clone();
         let done = self.done_tx.clone();
         tokio::spawn(async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            let req = request.clone();
-            let result = tokio::task::spawn_blocking(move || -> Result<u64, String> {
-                let refs: Vec<&[u8]> = req.changes.iter().map(Vec::as_slice).collect();
-                let receipt = store
-                    .append_changes(&req.flag_set, &refs)
-                    .map_err(|e| e.to_string())?;
-                for (PeerId(peer), state) in &req.sync_states {
-                    store
-                        .put_sync_state(peer, &req.flag_set, state)
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(receipt.last_seq)
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("persist task failed: {e}")));
+            let (id, flag_set, changes) = (
+                request.id,
+                request.flag_set.clone(),
+                request.changes.len() as u64,
+            );
+            let result = tokio::task::spawn_blocking(move || store_request(store.as_ref(), &request))
+                .await
+                .unwrap_or_else(|e| Err(Refused::Store(format!("persist task failed: {e}"))));
             let _ = done.send(Persisted {
-                id: request.id,
-                flag_set: request.flag_set.clone(),
+                id,
+                flag_set,
                 result,
-                request,
+                changes,
             });
         });
     }
 
-    fn on_persisted(&mut self, done: Persisted) {
+    async fn on_persisted(&mut self, done: Persisted) {
+        self.storing = false;
+        if self.persists.front().map(|r| r.id) == Some(done.id) {
+            self.persists.pop_front();
+        }
         match done.result {
             Ok(last_seq) => {
-                let n = done.request.changes.len() as u64;
                 let entry = self.stored.entry(done.flag_set.clone()).or_default();
                 entry.0 = entry.0.max(last_seq);
-                entry.1 += n;
-                if let Some(count) = self.in_flight.get_mut(&done.flag_set) {
-                    *count = count.saturating_sub(1);
-                    if *count == 0 {
-                        self.in_flight.remove(&done.flag_set);
-                    }
-                }
+                entry.1 += done.changes;
                 if let Err(e) = self.replica.persisted(done.id, Timestamp(now_ms())) {
                     tracing::error!(error = %e, "replica refused a persist confirmation");
                 }
                 self.maybe_compact(&done.flag_set);
-                self.drain();
             }
-            Err(error) => {
-                // The change is in the document already; keep trying rather than lose it. The
-                // write's client waits (and times out with an unknown outcome meanwhile).
-                tracing::error!(flag_set = %done.flag_set, %error, "storing a change failed; retrying");
-                self.spawn_persist(done.request, Duration::from_millis(500));
+            Err(refusal) => self.take_back(done.id, &done.flag_set, refusal).await,
+        }
+        self.drain();
+        self.store_next();
+    }
+
+    /// A persist request failed: reload the flag set from what the store holds, so the changes
+    /// that were not stored (this request's and the later ones queued behind it) are neither
+    /// served nor synced, and refuse the writes that made them. Never retried: a change the
+    /// store refuses once (too large, disk full) is refused again, and retrying for ever would
+    /// keep every later write of the flag set waiting.
+    async fn take_back(&mut self, id: PersistId, flag_set: &str, refusal: Refused) {
+        tracing::error!(%flag_set, error = ?refusal, "storing a change failed; taking the write back");
+        self.failures.insert(flag_set.to_owned(), refusal);
+        let store = self.store.clone();
+        let name = flag_set.to_owned();
+        let reloaded = tokio::task::spawn_blocking(move || load_set(store.as_ref(), &name))
+            .await
+            .map_err(|e| NodeError::Corrupt(format!("reload task failed: {e}")))
+            .and_then(|r| r);
+        let outcome = reloaded.and_then(|(stored, seq)| {
+            self.stored.insert(flag_set.to_owned(), seq);
+            self.replica
+                .persist_failed(id, stored, Timestamp(now_ms()))
+                .map_err(|e| NodeError::Corrupt(e.to_string()))
+        });
+        match outcome {
+            Ok(dropped) => {
+                self.persists.retain(|r| !dropped.contains(&r.id));
+                tracing::info!(%flag_set, "flag set reloaded from the store");
+            }
+            Err(e) => {
+                // What is stored cannot be read back, so the node cannot tell what it may serve:
+                // stop taking writes (evaluations keep the last published snapshot, which held
+                // only stored changes). A restart reports the damage.
+                tracing::error!(%flag_set, error = %e, "the store cannot be read back; this node stops taking writes");
+                self.broken = Some(format!("the store failed and could not be read back: {e}"));
             }
         }
     }
 
     /// Compacts a flag set once enough changes piled up and every change it holds is stored.
     fn maybe_compact(&mut self, flag_set: &str) {
-        if self.in_flight.contains_key(flag_set) {
+        if self.persist_pending(flag_set) {
             return;
         }
         let Some(&(last_seq, since)) = self.stored.get(flag_set) else {

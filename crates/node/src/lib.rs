@@ -21,6 +21,7 @@ pub mod driver;
 mod error;
 pub mod gossip_link;
 pub mod http;
+pub mod idempotency;
 pub mod ofrep;
 pub mod snapshot;
 pub mod telemetry;

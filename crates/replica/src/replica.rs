@@ -166,6 +166,9 @@ pub enum Event {
     },
     /// Store this, then call [`Replica::persisted`].
     PersistRequest(PersistRequest),
+    /// A local write could not be stored and was taken back (see [`Replica::persist_failed`]):
+    /// answer the client with a refusal; nothing of the write is served, synced or stored.
+    WriteRefused { id: WriteId, flag_set: String },
     /// A local write is durable: answer the client.
     WriteAcknowledged {
         id: WriteId,
@@ -530,6 +533,98 @@ impl Replica {
             }
             self.after_local_persisted(&pending.flag_set);
         }
+        Ok(())
+    }
+
+    /// Storing persist request `id` failed, so nothing of it is durable. The driver stores this
+    /// flag set's requests strictly in order and stops at the failed one; it hands back what its
+    /// store holds now (`stored`). The flag set is reloaded from that, so every change that is
+    /// not stored (this request's and every later one's) leaves what this node serves and syncs:
+    /// no write is ever acknowledged on top of an unstored change. Each write waiting on a
+    /// dropped request is acknowledged if its changes turn out to be stored after all (a store
+    /// can fail after committing), and refused ([`Event::WriteRefused`]) otherwise. Sync with
+    /// every peer starts afresh for this flag set, so changes from peers that were dropped come
+    /// back. Returns the ids of this flag set's later requests, which the driver drops unstored.
+    ///
+    /// Reusing the actor's sequence numbers afterwards is safe: a change leaves this node only
+    /// once it is stored, so a dropped change exists nowhere else.
+    pub fn persist_failed(
+        &mut self,
+        id: PersistId,
+        stored: StoredFlagSet,
+        now: Timestamp,
+    ) -> Result<Vec<PersistId>, Error> {
+        let _ = now;
+        let failed = self.pending.get(&id).ok_or(Error::UnknownPersist(id.0))?;
+        let name = failed.flag_set.clone();
+        if stored.name != name {
+            return Err(Error::Load(format!(
+                "persist request {} is for flag set {name:?}, not {:?}",
+                id.0, stored.name
+            )));
+        }
+        let doc = FlagSetDoc::load(
+            stored.snapshot.as_deref(),
+            &stored.changes,
+            self.identity.clone(),
+        )?;
+        let dropped: Vec<PersistId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.flag_set == name)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut writes = Vec::new();
+        for request in &dropped {
+            if let Some(p) = self.pending.remove(request) {
+                writes.extend(p.writes);
+            }
+        }
+        let peers = self
+            .sets
+            .get(&name)
+            .map(|s| {
+                s.peers
+                    .keys()
+                    .map(|p| (p.clone(), PeerSync::default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let heads = doc.heads();
+        for (write, changes) in writes {
+            let stored_after_all = changes.iter().all(|h| has_change(doc.automerge(), h));
+            self.events.push_back(if stored_after_all {
+                Event::WriteAcknowledged {
+                    id: write,
+                    flag_set: name.clone(),
+                    changes,
+                }
+            } else {
+                Event::WriteRefused {
+                    id: write,
+                    flag_set: name.clone(),
+                }
+            });
+        }
+        self.sets.insert(name.clone(), FlagSetState::new(doc, peers));
+        self.events.push_back(Event::FlagSetChanged {
+            flag_set: name.clone(),
+            heads,
+        });
+        self.sync_set_with_all(&name);
+        Ok(dropped.into_iter().filter(|d| *d != id).collect())
+    }
+
+    /// Forgets a flag set that was created here but could not be stored (its genesis is the
+    /// same everywhere, so nothing of it is lost; a peer that has the set brings it back).
+    /// Refused while the flag set has requests waiting to be stored.
+    pub fn forget_unstored_flag_set(&mut self, name: &str) -> Result<(), Error> {
+        if self.pending.values().any(|p| p.flag_set == name) {
+            return Err(Error::Load(format!(
+                "flag set {name:?} has changes waiting to be stored"
+            )));
+        }
+        self.sets.remove(name);
         Ok(())
     }
 

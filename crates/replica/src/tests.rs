@@ -25,6 +25,8 @@ struct Node {
     acked: Vec<WriteId>,
     /// Changes of acknowledged writes: they must survive anything.
     acked_changes: Vec<ChangeHash>,
+    /// Writes taken back because their persist request failed.
+    refused: Vec<WriteId>,
     protocol_errors: Vec<Error>,
     /// Whether the driver stores persist requests as soon as they appear.
     auto_persist: bool,
@@ -43,6 +45,7 @@ impl Node {
             unstored: Vec::new(),
             acked: Vec::new(),
             acked_changes: Vec::new(),
+            refused: Vec::new(),
             protocol_errors: Vec::new(),
             auto_persist: true,
         }
@@ -68,6 +71,7 @@ impl Node {
                     self.acked_changes.extend(changes);
                 }
                 Event::ProtocolError { error, .. } => self.protocol_errors.push(error),
+                Event::WriteRefused { id, .. } => self.refused.push(id),
                 Event::FlagSetChanged { .. } | Event::PeerSynced { .. } => {}
             }
         }
@@ -83,6 +87,16 @@ impl Node {
                 self.sync_disk.insert((p.flag_set.clone(), peer), state);
             }
             self.replica.persisted(p.id, now).unwrap();
+        }
+    }
+
+    /// What the disk holds for `SET`, as handed back after a failed persist.
+    fn stored(&self) -> StoredFlagSet {
+        StoredFlagSet {
+            name: SET.into(),
+            snapshot: None,
+            changes: self.disk.get(SET).cloned().unwrap_or_default(),
+            sync_states: Vec::new(),
         }
     }
 
@@ -277,6 +291,77 @@ fn a_write_is_acknowledged_only_after_it_is_persisted() {
     c.nodes[0].store_all(Timestamp(0));
     c.collect();
     assert_eq!(c.nodes[0].acked, vec![id]);
+}
+
+#[test]
+fn a_write_whose_persist_fails_is_taken_back_with_every_write_on_top_of_it() {
+    let mut c = Cluster::new(2);
+    c.write(0, put_flag("stored")).unwrap();
+    c.settle();
+    c.in_flight.clear();
+    c.nodes[0].auto_persist = false;
+    let failing = c.write(0, put_flag("lost")).unwrap();
+    let on_top = c
+        .write(
+            0,
+            WriteCommand::SetState {
+                key: "lost".into(),
+                state: FlagState::Disabled,
+            },
+        )
+        .unwrap();
+    assert_eq!(c.nodes[0].unstored.len(), 2);
+    // The disk refuses the first request: the driver stops there and hands back what is stored.
+    let first = c.nodes[0].unstored[0].id;
+    let second = c.nodes[0].unstored[1].id;
+    let stored = c.nodes[0].stored();
+    let dropped = c.nodes[0]
+        .replica
+        .persist_failed(first, stored, c.now)
+        .unwrap();
+    assert_eq!(dropped, vec![second]);
+    c.nodes[0].unstored.clear();
+    c.collect();
+    assert_eq!(c.nodes[0].refused, vec![failing, on_top]);
+    assert!(c.nodes[0].acked.len() == 1, "only the stored write is acked");
+    let doc = c.nodes[0].replica.flag_set(SET).unwrap();
+    assert!(doc.flag("lost").is_none(), "a refused write is still served");
+    assert!(doc.flag("stored").is_some());
+    // Nothing of the refused writes ever reaches a peer, and the next write works and syncs.
+    c.nodes[0].auto_persist = true;
+    c.write(0, put_flag("next")).unwrap();
+    c.settle();
+    assert!(c.converged());
+    let peer = c.nodes[1].replica.flag_set(SET).unwrap();
+    assert!(peer.flag("lost").is_none());
+    assert!(peer.flag("next").is_some());
+    // A restart from the disk gives the same document: nothing stored depends on a lost change.
+    let heads = c.nodes[0].heads();
+    c.crash(0);
+    assert_eq!(c.nodes[0].heads(), heads);
+}
+
+#[test]
+fn a_write_stored_despite_a_reported_failure_is_acknowledged() {
+    let mut c = Cluster::new(1);
+    c.nodes[0].auto_persist = false;
+    let id = c.write(0, put_flag("f")).unwrap();
+    // The store committed, then reported an error (say, on fsync): the reload finds the change.
+    let request = c.nodes[0].unstored.remove(0);
+    c.nodes[0]
+        .disk
+        .entry(SET.into())
+        .or_default()
+        .extend(request.changes.clone());
+    let stored = c.nodes[0].stored();
+    let dropped = c.nodes[0]
+        .replica
+        .persist_failed(request.id, stored, c.now)
+        .unwrap();
+    assert!(dropped.is_empty());
+    c.collect();
+    assert_eq!(c.nodes[0].acked, vec![id]);
+    assert!(c.nodes[0].refused.is_empty());
 }
 
 #[test]
@@ -887,4 +972,36 @@ fn has_change_tells_applied_from_queued_and_unknown_changes() {
     doc.automerge_mut().apply_changes([first.clone()]).unwrap();
     assert!(has_change(doc.automerge(), &first.hash()));
     assert!(has_change(doc.automerge(), &last.hash()));
+}
+
+#[test]
+fn the_largest_flag_a_document_can_hold_makes_a_change_the_store_keeps() {
+    use bunting_model::limits::{MAX_CHANGE_BYTES, MAX_DOCUMENT_BYTES};
+    // One variant as large as a whole document allows, and a rule of many short strings: the
+    // two shapes of finding 1 of the hardening issue (a config blob, a long `in` list).
+    let blob = "x".repeat(MAX_DOCUMENT_BYTES - 1024);
+    let users: Vec<String> = (0..90_000).map(|i| format!("user-{i}")).collect();
+    for flag in [
+        json!({"state": "ENABLED", "variants": {"on": blob, "off": ""}, "defaultVariant": "off"}),
+        json!({"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+               "targeting": {"if": [{"in": [{"var": "u"}, users]}, "on", "off"]}}),
+    ] {
+        let mut c = Cluster::new(1);
+        c.nodes[0].auto_persist = false;
+        let flag = Flag::from_value(&flag, "").unwrap();
+        c.write(
+            0,
+            WriteCommand::PutFlag {
+                key: "big".into(),
+                flag,
+            },
+        )
+        .unwrap();
+        let request = &c.nodes[0].unstored[0];
+        let largest = request.changes.iter().map(Vec::len).max().unwrap();
+        assert!(
+            largest <= MAX_CHANGE_BYTES,
+            "a change of {largest} bytes is over MAX_CHANGE_BYTES ({MAX_CHANGE_BYTES})"
+        );
+    }
 }

@@ -66,7 +66,7 @@ impl FdbStore {
     /// Limits of this backend: FDB transactions are limited to 10 MB, so a batch or a snapshot
     /// must fit well inside one.
     pub const LIMITS: Limits = Limits {
-        max_record_bytes: 1 << 20,
+        max_record_bytes: bunting_model::limits::MAX_CHANGE_BYTES,
         max_batch_bytes: 8 << 20,
         max_snapshot_bytes: 8 << 20,
     };

@@ -97,11 +97,12 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Limits of the memory and redb backends: a single flag set of 10,000 flags saves to about
-    /// 100 KB, so these leave two orders of magnitude of headroom while keeping a runaway writer
-    /// from filling the disk in one call.
+    /// Limits of the memory and redb backends: a record holds the largest change a valid write
+    /// can make ([`bunting_model::limits::MAX_CHANGE_BYTES`]); a single flag set of 10,000 flags
+    /// saves to about 100 KB, so the batch and snapshot limits leave two orders of magnitude of
+    /// headroom while keeping a runaway writer from filling the disk in one call.
     pub const LOCAL: Limits = Limits {
-        max_record_bytes: 1 << 20,
+        max_record_bytes: bunting_model::limits::MAX_CHANGE_BYTES,
         max_batch_bytes: 16 << 20,
         max_snapshot_bytes: 64 << 20,
     };
