@@ -109,12 +109,14 @@ async fn a_node_killed_mid_write_keeps_every_acknowledged_write_and_catches_up()
         .await;
     assert_eq!(status, 200);
     // acked-0 reached west-1 by replication, maybe only now: wait for it before patching it.
-    eventually(Duration::from_secs(30), "west-1 holds acked-0", async || {
-        match nodes[west].value("acked-0", json!({})).await {
+    eventually(
+        Duration::from_secs(30),
+        "west-1 holds acked-0",
+        async || match nodes[west].value("acked-0", json!({})).await {
             Some(_) => Ok(()),
             None => Err("not yet".to_owned()),
-        }
-    })
+        },
+    )
     .await;
     let patch = json!({"defaultVariant": "v", "variants": {"v": "patched-while-down"}});
     assert_eq!(nodes[west].patch_flag("acked-0", patch).await, 200);

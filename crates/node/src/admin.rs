@@ -213,7 +213,14 @@ async fn write(
         .saturating_sub(WRITE_ANSWER_MARGIN)
         .max(WRITE_ANSWER_MARGIN);
     let heads = driver(state)?
-        .write(set, w, if_match(headers), meta(&principal, headers), key, deadline)
+        .write(
+            set,
+            w,
+            if_match(headers),
+            meta(&principal, headers),
+            key,
+            deadline,
+        )
         .await
         .map_err(refused)?;
     Ok(with_heads(status, json!({"heads": heads}), &heads))

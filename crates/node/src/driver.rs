@@ -191,7 +191,9 @@ pub enum Refused {
     TooLarge(String),
     /// The write was applied but not yet stored when its deadline passed. It will be stored (and
     /// served) or taken back; a retry with the same idempotency key answers which.
-    Pending { idempotency_key: Option<String> },
+    Pending {
+        idempotency_key: Option<String>,
+    },
     /// The idempotency key was used before for a different write.
     KeyReused(String),
     /// The node is shutting down.
@@ -584,7 +586,12 @@ impl Driver {
                 );
                 let ids: Vec<WriteId> = self.waiting.keys().copied().collect();
                 for id in ids {
-                    self.answer(id, Err(Refused::Pending { idempotency_key: None }));
+                    self.answer(
+                        id,
+                        Err(Refused::Pending {
+                            idempotency_key: None,
+                        }),
+                    );
                 }
                 break;
             }
@@ -1048,9 +1055,10 @@ impl Driver {
                 request.flag_set.clone(),
                 request.changes.len() as u64,
             );
-            let result = tokio::task::spawn_blocking(move || store_request(store.as_ref(), &request))
-                .await
-                .unwrap_or_else(|e| Err(Refused::Store(format!("persist task failed: {e}"))));
+            let result =
+                tokio::task::spawn_blocking(move || store_request(store.as_ref(), &request))
+                    .await
+                    .unwrap_or_else(|e| Err(Refused::Store(format!("persist task failed: {e}"))));
             let _ = done.send(Persisted {
                 id,
                 flag_set,

@@ -70,7 +70,12 @@ pub fn fingerprint(write: &impl std::fmt::Debug) -> u64 {
 
 impl<R: Clone, W> Index<R, W> {
     /// Looks a key up; a retry of a write still in progress leaves `waiter` with it.
-    pub fn lookup(&mut self, scope: &KeyScope, fingerprint: u64, waiter: W) -> (Lookup<R>, Option<W>) {
+    pub fn lookup(
+        &mut self,
+        scope: &KeyScope,
+        fingerprint: u64,
+        waiter: W,
+    ) -> (Lookup<R>, Option<W>) {
         match self.entries.get_mut(scope) {
             None => (Lookup::New, Some(waiter)),
             Some(Entry::Done { fingerprint: f, .. } | Entry::InProgress { fingerprint: f, .. })
@@ -150,7 +155,10 @@ mod tests {
         assert_eq!(index.lookup(&scope("k"), 1, "retry").0, Lookup::Joined);
         assert_eq!(index.lookup(&scope("k"), 2, "other").0, Lookup::Mismatch);
         assert_eq!(index.finish(&scope("k"), 1, 200), vec!["retry"]);
-        assert_eq!(index.lookup(&scope("k"), 1, "late").0, Lookup::Answered(200));
+        assert_eq!(
+            index.lookup(&scope("k"), 1, "late").0,
+            Lookup::Answered(200)
+        );
         assert_eq!(index.lookup(&scope("k"), 2, "other").0, Lookup::Mismatch);
     }
 

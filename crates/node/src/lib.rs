@@ -50,11 +50,22 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     config.check().map_err(NodeError::Config)?;
+    let store = open_store(&config).await?;
+    serve_with_store(listener, config, store, shutdown).await
+}
+
+/// [`serve`] on a store opened by the caller (tests wrap one to make it fail on purpose).
+pub async fn serve_with_store(
+    listener: TcpListener,
+    config: NodeConfig,
+    store: Arc<dyn Store>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    config.check().map_err(NodeError::Config)?;
     let initial = match &config.flags_file {
         Some(path) => Some(read_flag_file(path)?),
         None => None,
     };
-    let store = open_store(&config).await?;
     let (tokens, incarnation) = {
         let store = store.clone();
         let limits = config.limits.clone();

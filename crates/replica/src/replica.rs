@@ -606,7 +606,8 @@ impl Replica {
                 }
             });
         }
-        self.sets.insert(name.clone(), FlagSetState::new(doc, peers));
+        self.sets
+            .insert(name.clone(), FlagSetState::new(doc, peers));
         self.events.push_back(Event::FlagSetChanged {
             flag_set: name.clone(),
             heads,

@@ -323,9 +323,15 @@ fn a_write_whose_persist_fails_is_taken_back_with_every_write_on_top_of_it() {
     c.nodes[0].unstored.clear();
     c.collect();
     assert_eq!(c.nodes[0].refused, vec![failing, on_top]);
-    assert!(c.nodes[0].acked.len() == 1, "only the stored write is acked");
+    assert!(
+        c.nodes[0].acked.len() == 1,
+        "only the stored write is acked"
+    );
     let doc = c.nodes[0].replica.flag_set(SET).unwrap();
-    assert!(doc.flag("lost").is_none(), "a refused write is still served");
+    assert!(
+        doc.flag("lost").is_none(),
+        "a refused write is still served"
+    );
     assert!(doc.flag("stored").is_some());
     // Nothing of the refused writes ever reaches a peer, and the next write works and syncs.
     c.nodes[0].auto_persist = true;
