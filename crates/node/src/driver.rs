@@ -488,6 +488,15 @@ pub async fn start(
 
 type Loaded = (Vec<StoredFlagSet>, HashMap<String, (u64, u64)>);
 
+/// Runs CPU-bound work on this task's thread while the runtime hands its other tasks to
+/// another worker (on a multi-threaded runtime; a single-threaded one, as in tests, just runs it).
+fn off_the_async_workers<R>(work: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 /// How long a stopping driver waits for the store to finish what is queued.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -660,7 +669,11 @@ impl Driver {
                 }
                 let result = match self.broken.clone() {
                     Some(why) => Err(Refused::Store(why)),
-                    None => self.local_write(&flag_set, *write, based_on, meta),
+                    // Validation and the Automerge write are bounded but can take milliseconds
+                    // on a large flag set: let the runtime move other tasks off this thread.
+                    None => off_the_async_workers(|| {
+                        self.local_write(&flag_set, *write, based_on, meta)
+                    }),
                 };
                 match result {
                     Ok(id) => {

@@ -3,6 +3,8 @@
 //! and restarts with every acknowledged write and nothing else; retries with an idempotency key
 //! apply nothing new.
 
+#![allow(clippy::unwrap_used)] // test fixtures: a failed setup should panic loudly
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
