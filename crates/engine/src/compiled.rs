@@ -6,9 +6,13 @@ use std::collections::HashMap;
 use foldhash::fast::FixedState;
 use std::sync::Arc;
 
-use bunting_model::{validate_flag, Flag, FlagSet, FlagState, Problem};
+use bunting_model::limits::MAX_EXPANDED_SET_NODES;
+use bunting_model::{
+    validate_flag, validate_stored_flag_within, Flag, FlagSet, FlagState, Problem,
+};
 use serde_json::{Map, Value};
 
+use crate::budget::{exhausted_details, Exhausted};
 use crate::context::EvaluationContext;
 use crate::resolution::{ErrorCode, Reason, Resolution, SharedValue, TypedResolution};
 use crate::rule::{Env, Outcome, Rule, Val};
@@ -167,13 +171,28 @@ impl CompiledFlagSet {
         let set_metadata = Arc::new(set.metadata.clone());
         let mut flags = Vec::with_capacity(set.flags.len());
         let mut broken = Vec::new();
+        // Rule nodes expanded so far: past the flag set's limit no more rules are expanded, so a
+        // set that grew past it (concurrent writes, each within it) costs bounded work.
+        let mut set_nodes = 0usize;
         for (key, flag) in &set.flags {
             let mut metadata = set.metadata.clone();
             for (k, v) in &flag.metadata {
                 metadata.insert(k.clone(), v.clone());
             }
             let metadata = Arc::new(metadata);
-            let problems = validate_flag(key, flag, &set.evaluators);
+            let left = MAX_EXPANDED_SET_NODES.saturating_sub(set_nodes);
+            let problems = if left == 0 && flag.targeting.is_some() {
+                set_limit_problems(key, flag, &set.evaluators)
+            } else {
+                let (problems, nodes) =
+                    validate_stored_flag_within(key, flag, &set.evaluators, left);
+                set_nodes = set_nodes.saturating_add(nodes);
+                if nodes > left {
+                    set_limit_problems(key, flag, &set.evaluators)
+                } else {
+                    problems
+                }
+            };
             let body = if problems.is_empty() {
                 match compile_flag(key, flag, set, options, &metadata) {
                     Ok(body) => body,
@@ -380,7 +399,24 @@ impl CompiledFlag {
             },
             Outcome::Default => Cow::Borrowed(when_default),
             Outcome::Value(v) => self.by_name(&v, variants, index, when_default),
+            Outcome::Exhausted(kind, site) => Cow::Owned(self.over_budget(kind, site)),
         }
+    }
+
+    /// The ERROR resolution of an evaluation that ran out of budget at `site` (a pointer below
+    /// the flag's targeting).
+    #[cold]
+    #[inline(never)]
+    fn over_budget(&self, kind: Exhausted, site: &str) -> Resolution {
+        let at = format!(
+            "{}{site}",
+            bunting_model::pointer(["flags", &*self.key, "targeting"])
+        );
+        Resolution::error(
+            ErrorCode::General,
+            exhausted_details(kind, &at),
+            self.metadata.clone(),
+        )
     }
 
     /// The resolution for a targeting result that names its variant by value.
@@ -441,6 +477,28 @@ fn disabled_resolution(metadata: &Arc<Map<String, Value>>) -> Resolution {
         error_details: None,
         metadata: metadata.clone(),
     }
+}
+
+/// The problems of a flag whose rule comes after its flag set's rules passed
+/// [`MAX_EXPANDED_SET_NODES`]: the rule is neither expanded nor compiled.
+fn set_limit_problems(
+    key: &str,
+    flag: &Flag,
+    evaluators: &indexmap::IndexMap<String, Value>,
+) -> Vec<Problem> {
+    let without_rule = Flag {
+        targeting: None,
+        ..flag.clone()
+    };
+    let mut problems = validate_flag(key, &without_rule, evaluators);
+    problems.push(Problem::new(
+        bunting_model::pointer(["flags", key, "targeting"]),
+        format!(
+            "the flag set's rules expand to more than {MAX_EXPANDED_SET_NODES} nodes \
+             (MAX_EXPANDED_SET_NODES); this rule was not compiled"
+        ),
+    ));
+    problems
 }
 
 fn compile_flag(

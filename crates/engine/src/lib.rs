@@ -11,6 +11,7 @@
 //! threads, randomness, or panics on any flag set or context. An invalid flag compiles into an
 //! ERROR resolution instead of failing the whole set.
 
+mod budget;
 mod compiled;
 mod context;
 mod error;

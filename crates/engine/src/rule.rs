@@ -12,12 +12,14 @@ use bunting_model::limits::MAX_RULE_DEPTH;
 use indexmap::IndexMap;
 use serde_json::Value;
 
+use crate::budget::{Exhausted, Meter, Site, RULE_SITE};
 use crate::compiled::{CompileOptions, FractionalBucketing};
 use crate::context::{flagd_properties, EvaluationContext};
 use crate::fractional::{self, Distribution};
 use crate::semver::{version_text, OwnedVersion, Release, SemverOp, Version};
 pub(crate) use crate::val::Val;
-use crate::val::{canonical_index, lookup_json, str_eq};
+use crate::val::{canonical_index, lookup_json, str_eq, VALUE_BYTES};
+use bunting_model::limits::BUDGET_BYTES_PER_STEP;
 
 /// What one evaluation sees: the flag being evaluated and the caller's context.
 #[derive(Clone, Copy)]
@@ -37,6 +39,8 @@ impl<'a> Env<'a> {
 pub(crate) struct Rule {
     root: Tail,
     bucketing: FractionalBucketing,
+    /// JSON Pointers (below the rule) of the operations that charge the evaluation budget.
+    sites: Box<[Box<str>]>,
 }
 
 /// What a targeting result means for its flag.
@@ -49,6 +53,8 @@ pub(crate) enum Outcome<'a> {
     Default,
     /// Any other result, for the flag to look up by name.
     Value(Val<'a>),
+    /// The evaluation ran out of budget at the operation with this pointer (below the rule).
+    Exhausted(Exhausted, &'a str),
 }
 
 /// The parts of a rule that produce its result, with the literals among them already matched to
@@ -213,6 +219,32 @@ enum Iter {
     Some,
 }
 
+/// What an operation that charges the evaluation budget knows of itself.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    /// Where it is, for the error when the budget runs out.
+    site: Site,
+    /// How many nodes its second argument has: what one element costs an iterating operation.
+    body: u32,
+}
+
+/// The operations whose cost grows with the data they are given; each charges the budget and
+/// records its pointer.
+const METERED: &[&str] = &[
+    "merge",
+    "cat",
+    "substr",
+    "in",
+    "missing",
+    "missing_some",
+    "map",
+    "filter",
+    "reduce",
+    "all",
+    "none",
+    "some",
+];
+
 #[derive(Debug)]
 enum Node {
     /// A literal: scalars, and arrays and objects without logic inside.
@@ -229,13 +261,14 @@ enum Node {
     If(Vec<Node>),
     And(Vec<Node>),
     Or(Vec<Node>),
-    Op(Op, Vec<Node>),
+    /// An operation; the site names it in budget errors when it charges the budget.
+    Op(Op, Site, Vec<Node>),
     /// A comparison of a `var` with a literal, the commonest condition: no argument list to walk.
     CmpVarLit(Box<CmpVarLit>),
     /// `in` with a literal list of strings: a set lookup instead of a walk over JSON.
     InStrings(Box<Node>, Box<StringSet>),
-    Iter(Iter, Box<[Node; 2]>),
-    Reduce(Box<[Node; 3]>, bool),
+    Iter(Iter, Box<[Node; 2]>, Meta),
+    Reduce(Box<[Node; 3]>, bool, Meta),
     Fractional(Box<FractionalNode>),
     SemVer(Box<SemVerNode>),
 }
@@ -408,7 +441,7 @@ impl Cond {
                 Cond::All(Box::new(AllOf::new(args.into_iter().map(Cond::new))))
             }
             Node::Or(args) => Cond::Any(args.into_iter().map(Cond::new).collect()),
-            Node::Op(Op::Not, args) if !args.is_empty() => match args.into_iter().next() {
+            Node::Op(Op::Not, _, args) if !args.is_empty() => match args.into_iter().next() {
                 Some(first) => Cond::Not(Box::new(Cond::new(first))),
                 None => Cond::Node(Box::new(Node::Lit(Value::Bool(true)))),
             },
@@ -486,11 +519,19 @@ impl Rule {
             evaluators,
             visiting: Vec::new(),
             nodes: 0,
+            path: Vec::new(),
+            sites: vec!["".into()],
         };
+        let root = Tail::new(c.compile(rule, 0)?, variants);
         Ok(Rule {
-            root: Tail::new(c.compile(rule, 0)?, variants),
+            root,
             bucketing: options.fractional,
+            sites: c.sites.into_boxed_slice(),
         })
+    }
+
+    fn site(&self, site: Site) -> &str {
+        self.sites.get(site as usize).map_or("", |s| s)
     }
 
     /// Evaluates the rule against `env`, to the value it returns.
@@ -499,6 +540,7 @@ impl Rule {
         let e = Eval {
             env: *env,
             bucketing: self.bucketing,
+            meter: Meter::new(),
         };
         e.eval_tail(&self.root)
     }
@@ -510,8 +552,13 @@ impl Rule {
         let e = Eval {
             env: *env,
             bucketing: self.bucketing,
+            meter: Meter::new(),
         };
-        e.outcome(&self.root)
+        let outcome = e.outcome(&self.root);
+        match e.meter.exhausted() {
+            None => outcome,
+            Some((kind, site)) => Outcome::Exhausted(kind, self.site(site)),
+        }
     }
 }
 
@@ -523,27 +570,66 @@ pub(crate) const MAX_RULE_NODES: usize = bunting_model::limits::MAX_EXPANDED_RUL
 struct Compiler<'e> {
     evaluators: &'e IndexMap<String, Value>,
     visiting: Vec<String>,
+    /// Nodes compiled so far, counted as validation counts them (every JSON value, argument
+    /// lists included, `$ref` objects replaced by their targets).
     nodes: usize,
+    /// JSON Pointer segments of the node being compiled, below the rule.
+    path: Vec<String>,
+    /// Pointers of the operations that charge the evaluation budget; 0 is the rule itself.
+    sites: Vec<Box<str>>,
 }
 
 impl Compiler<'_> {
-    fn compile(&mut self, v: &Value, depth: usize) -> Result<Node, String> {
-        if depth > MAX_RULE_DEPTH * 2 {
-            return Err(format!(
-                "rule nests deeper than the limit of {MAX_RULE_DEPTH}"
-            ));
-        }
+    fn count(&mut self) -> Result<(), String> {
         self.nodes += 1;
         if self.nodes > MAX_RULE_NODES {
             return Err(format!(
                 "rule expands to more than {MAX_RULE_NODES} operations after $ref expansion"
             ));
         }
+        Ok(())
+    }
+
+    /// Records the pointer of the operation being compiled, for errors about its budget.
+    fn site(&mut self) -> Site {
+        self.sites
+            .push(bunting_model::pointer(self.path.iter()).into_boxed_str());
+        Site::try_from(self.sites.len() - 1).unwrap_or(RULE_SITE)
+    }
+
+    fn compile_at(
+        &mut self,
+        segment: impl ToString,
+        v: &Value,
+        depth: usize,
+    ) -> Result<Node, String> {
+        self.path.push(segment.to_string());
+        let node = self.compile(v, depth);
+        self.path.pop();
+        node
+    }
+
+    fn compile(&mut self, v: &Value, depth: usize) -> Result<Node, String> {
+        if depth > MAX_RULE_DEPTH * 2 {
+            return Err(format!(
+                "rule nests deeper than the limit of {MAX_RULE_DEPTH}"
+            ));
+        }
+        if let Value::Object(m) = v {
+            if let (1, Some(name)) = (m.len(), m.get("$ref")) {
+                self.path.push("$ref".into());
+                let node = self.compile_ref(name, depth);
+                self.path.pop();
+                return node;
+            }
+        }
+        self.count()?;
         match v {
             Value::Array(items) => {
                 let nodes = items
                     .iter()
-                    .map(|i| self.compile(i, depth + 1))
+                    .enumerate()
+                    .map(|(i, item)| self.compile_at(i, item, depth + 1))
                     .collect::<Result<Vec<_>, _>>()?;
                 if nodes.iter().all(|n| matches!(n, Node::Lit(_))) {
                     Ok(Node::Lit(v.clone()))
@@ -555,22 +641,45 @@ impl Compiler<'_> {
                 let Some((op, args)) = m.iter().next() else {
                     return Ok(Node::Lit(v.clone()));
                 };
-                if op == "$ref" {
-                    return self.compile_ref(args, depth);
-                }
-                // JsonLogic passes a lone non-array argument as a one-element list.
-                let args: Vec<Node> = match args {
-                    Value::Array(items) => items
-                        .iter()
-                        .map(|i| self.compile(i, depth + 1))
-                        .collect::<Result<_, _>>()?,
-                    other => vec![self.compile(other, depth + 1)?],
-                };
-                self.compile_op(op, args)
+                self.path.push(op.clone());
+                let compiled = self.compile_args(args, depth);
+                let node = compiled.and_then(|(args, body)| {
+                    let site = if METERED.contains(&op.as_str()) {
+                        self.site()
+                    } else {
+                        RULE_SITE
+                    };
+                    self.compile_op(op, args, Meta { site, body })
+                });
+                self.path.pop();
+                node
             }
             // Objects with other than one key are data, not logic.
             _ => Ok(Node::Lit(v.clone())),
         }
+    }
+
+    /// An operation's arguments, and how many nodes its second one has (the body of an
+    /// iterating operation, charged per element).
+    fn compile_args(&mut self, args: &Value, depth: usize) -> Result<(Vec<Node>, u32), String> {
+        let mut body = 0;
+        // JsonLogic passes a lone non-array argument as a one-element list.
+        let nodes = match args {
+            Value::Array(items) => {
+                self.count()?;
+                let mut nodes = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    let before = self.nodes;
+                    nodes.push(self.compile_at(i, item, depth + 1)?);
+                    if i == 1 {
+                        body = u32::try_from(self.nodes - before).unwrap_or(u32::MAX);
+                    }
+                }
+                nodes
+            }
+            other => vec![self.compile(other, depth + 1)?],
+        };
+        Ok((nodes, body))
     }
 
     fn compile_ref(&mut self, name: &Value, depth: usize) -> Result<Node, String> {
@@ -589,8 +698,8 @@ impl Compiler<'_> {
         node
     }
 
-    fn compile_op(&mut self, op: &str, mut args: Vec<Node>) -> Result<Node, String> {
-        let simple = |o: Op, args: Vec<Node>| Ok(Node::Op(o, args));
+    fn compile_op(&mut self, op: &str, mut args: Vec<Node>, meta: Meta) -> Result<Node, String> {
+        let simple = |o: Op, args: Vec<Node>| Ok(Node::Op(o, meta.site, args));
         match op {
             "var" => Ok(compile_var(args)),
             "if" | "?:" => Ok(Node::If(args)),
@@ -613,7 +722,7 @@ impl Compiler<'_> {
             "%" => simple(Op::Mod, args),
             "min" => simple(Op::Min, args),
             "max" => simple(Op::Max, args),
-            "in" => Ok(compile_in(args)),
+            "in" => Ok(compile_in(args, meta.site)),
             "cat" => simple(Op::Cat, args),
             "substr" => simple(Op::Substr, args),
             "merge" => simple(Op::Merge, args),
@@ -634,7 +743,7 @@ impl Compiler<'_> {
                     args.push(Node::Lit(Value::Null));
                 }
                 let [a, b]: [Node; 2] = args.try_into().map_err(|_| "unreachable".to_owned())?;
-                Ok(Node::Iter(kind, Box::new([a, b])))
+                Ok(Node::Iter(kind, Box::new([a, b]), meta))
             }
             "reduce" => {
                 let has_initial = args.len() >= 3;
@@ -643,7 +752,7 @@ impl Compiler<'_> {
                     args.push(Node::Lit(Value::Null));
                 }
                 let [a, b, c]: [Node; 3] = args.try_into().map_err(|_| "unreachable".to_owned())?;
-                Ok(Node::Reduce(Box::new([a, b, c]), has_initial))
+                Ok(Node::Reduce(Box::new([a, b, c]), has_initial, meta))
             }
             "fractional" => Ok(Node::Fractional(Box::new(compile_fractional(args)))),
             "sem_ver" => {
@@ -686,16 +795,16 @@ fn compile_compare(op: Op, args: Vec<Node>) -> Node {
                 // Not reached (the shapes were checked above); kept total without a panic.
                 (var, lit) => {
                     let (a, b) = if var_first { (var, lit) } else { (lit, var) };
-                    Node::Op(op, a.into_iter().chain(b).collect())
+                    Node::Op(op, RULE_SITE, a.into_iter().chain(b).collect())
                 }
             };
         }
     }
-    Node::Op(op, args)
+    Node::Op(op, RULE_SITE, args)
 }
 
 /// `in`; a literal list of strings becomes a set.
-fn compile_in(mut args: Vec<Node>) -> Node {
+fn compile_in(mut args: Vec<Node>, site: Site) -> Node {
     if args.len() == 2 {
         if let Node::Lit(Value::Array(items)) = &args[1] {
             if let Some(set) = StringSet::new(items) {
@@ -704,7 +813,7 @@ fn compile_in(mut args: Vec<Node>) -> Node {
             }
         }
     }
-    Node::Op(Op::In, args)
+    Node::Op(Op::In, site, args)
 }
 
 fn compile_var(args: Vec<Node>) -> Node {
@@ -802,6 +911,7 @@ struct Eval<'a> {
     /// Held by value, so reading the context is one load, not two.
     env: Env<'a>,
     bucketing: FractionalBucketing,
+    meter: Meter,
 }
 
 impl<'a> Eval<'a> {
@@ -838,6 +948,8 @@ impl<'a> Eval<'a> {
             Tail::Fractional(f, outcomes) => self.fractional_outcome(f, outcomes),
             Tail::Eval(node) => match self.eval(node, Scope::Root) {
                 Val::Null => Outcome::Default,
+                // The flag reads a variant name out of an array or object as text.
+                v if v.is_object_like() && !self.charge_coercion(RULE_SITE, &v) => Outcome::Default,
                 v => Outcome::Value(v),
             },
         }
@@ -917,11 +1029,13 @@ impl<'a> Eval<'a> {
                 }
                 last
             }
-            Node::Op(op, args) => self.op(*op, args, scope),
+            Node::Op(op, site, args) => self.op(*op, *site, args, scope),
             Node::CmpVarLit(c) => Val::Bool(self.cmp_var_lit(c, scope)),
             Node::InStrings(needle, set) => Val::Bool(self.in_strings(needle, set, scope)),
-            Node::Iter(kind, parts) => self.iter(*kind, &parts[0], &parts[1], scope),
-            Node::Reduce(parts, has_initial) => self.reduce(parts, *has_initial, scope),
+            Node::Iter(kind, parts, meta) => self.iter(*kind, &parts[0], &parts[1], *meta, scope),
+            Node::Reduce(parts, has_initial, meta) => {
+                self.reduce(parts, *has_initial, *meta, scope)
+            }
             Node::Fractional(f) => self.fractional(f, scope),
             Node::SemVer(s) => self.sem_ver(s, scope),
         }
@@ -934,7 +1048,7 @@ impl<'a> Eval<'a> {
             // `and` of nothing is null, so false.
             Node::And(args) => !args.is_empty() && args.iter().all(|a| self.truthy(a, scope)),
             Node::Or(args) => args.iter().any(|a| self.truthy(a, scope)),
-            Node::Op(op, args) => match op {
+            Node::Op(op, site, args) => match op {
                 Op::Not => !args.first().is_some_and(|a| self.truthy(a, scope)),
                 Op::NotNot => args.first().is_some_and(|a| self.truthy(a, scope)),
                 Op::Eq
@@ -945,7 +1059,7 @@ impl<'a> Eval<'a> {
                 | Op::Le
                 | Op::Gt
                 | Op::Ge => self.compare(*op, args, scope),
-                _ => self.op(*op, args, scope).truthy(),
+                _ => self.op(*op, *site, args, scope).truthy(),
             },
             Node::CmpVarLit(c) => self.cmp_var_lit(c, scope),
             Node::InStrings(needle, set) => self.in_strings(needle, set, scope),
@@ -1002,7 +1116,7 @@ impl<'a> Eval<'a> {
                 _ => {}
             }
         }
-        let var = self.lookup(&c.path, scope).unwrap_or(Val::Null);
+        let var = self.coercible(RULE_SITE, self.lookup(&c.path, scope).unwrap_or(Val::Null));
         compare_vals(c.op, c.var_first, &var, &Val::from_json(&c.lit))
     }
 
@@ -1036,7 +1150,7 @@ impl<'a> Eval<'a> {
                         return r;
                     }
                 }
-                attr_cmp_generic(c.op, found, &Val::Str(&c.lit))
+                self.attr_cmp_generic(c.op, found, &Val::Str(&c.lit))
             }
             Cond::AttrNum(c) => self.attr_num(c),
             Cond::AttrIn(key, set) => self.attr_in(key, set),
@@ -1065,7 +1179,7 @@ impl<'a> Eval<'a> {
             // Between two strings, `==` is `===`.
             return str_eq(a, &c.lit) == matches!(c.op, Op::Eq | Op::StrictEq);
         }
-        attr_cmp_generic(c.op, found, &Val::Str(&c.lit))
+        self.attr_cmp_generic(c.op, found, &Val::Str(&c.lit))
     }
 
     #[inline(always)]
@@ -1076,7 +1190,7 @@ impl<'a> Eval<'a> {
                 return r;
             }
         }
-        attr_cmp_generic(c.op, found, &Val::Num(c.lit))
+        self.attr_cmp_generic(c.op, found, &Val::Num(c.lit))
     }
 
     #[inline(always)]
@@ -1104,9 +1218,10 @@ impl<'a> Eval<'a> {
 
     /// The comparison operations, as booleans.
     fn compare(&self, op: Op, args: &'a [Node], scope: Scope<'_, 'a>) -> bool {
+        // Comparisons turn arrays and objects into text.
         let arg = |i: usize| -> Val<'a> {
             match args.get(i) {
-                Some(n) => self.eval(n, scope),
+                Some(n) => self.eval_coercible(n, scope),
                 None => Val::Null,
             }
         };
@@ -1149,18 +1264,101 @@ impl<'a> Eval<'a> {
                     a.less_than(&b) == Some(false)
                 }
             }
-            _ => self.op(op, args, scope).truthy(),
+            _ => self.op(op, RULE_SITE, args, scope).truthy(),
         }
+    }
+
+    /// A comparison of an attribute (absent: null, the left operand) with a literal, the long way.
+    #[inline(never)]
+    fn attr_cmp_generic(&self, op: Op, found: Option<&'a Value>, lit: &Val<'_>) -> bool {
+        let var = found.map_or(Val::Null, Val::from_json);
+        let var = self.coercible(RULE_SITE, var);
+        compare_vals(op, true, &var, lit)
+    }
+
+    /// Charges turning an array or object into text, as JavaScript's coercions do (`==` with a
+    /// string, arithmetic, `cat`); `false` when that is over budget.
+    #[inline(never)]
+    fn charge_coercion(&self, site: Site, v: &Val<'_>) -> bool {
+        match self.text_len(site, v) {
+            Some(len) => self.meter.charge_text(site, len, true),
+            None => false,
+        }
+    }
+
+    /// `v`, charged for the text a coercion makes of it when it is an array or object; null
+    /// when that is over budget (the result is an error then, so the value no longer matters,
+    /// and null costs nothing to coerce).
+    #[inline]
+    fn coercible(&self, site: Site, v: Val<'a>) -> Val<'a> {
+        if v.is_object_like() && !self.charge_coercion(site, &v) {
+            Val::Null
+        } else {
+            v
+        }
+    }
+
+    /// `eval` for an operand a coercion may turn into text.
+    #[inline]
+    fn eval_coercible(&self, node: &'a Node, scope: Scope<'_, 'a>) -> Val<'a> {
+        self.coercible(RULE_SITE, self.eval(node, scope))
+    }
+
+    /// At most how long String(v) is, weighed within the bytes left; `None` (and the budget
+    /// exhausted) when longer.
+    fn text_len(&self, site: Site, v: &Val<'_>) -> Option<usize> {
+        match v {
+            Val::Str(s) => Some(s.len()),
+            Val::String(s) => Some(s.len()),
+            other => match crate::val::js_len_within(other, self.meter.bytes_left()) {
+                Some(len) => Some(len),
+                None => {
+                    self.meter.charge(site, 0, u64::MAX);
+                    None
+                }
+            },
+        }
+    }
+
+    /// Charges copying `v` as JSON; `false` when over budget.
+    fn charge_copy(&self, site: Site, v: &Val<'_>) -> bool {
+        match crate::val::copy_weight_within(v, self.meter.bytes_left()) {
+            Some(w) => self
+                .meter
+                .charge(site, w as u64 / BUDGET_BYTES_PER_STEP + 1, w as u64),
+            None => self.meter.charge(site, 0, u64::MAX),
+        }
+    }
+
+    /// Charges copying the whole context (`{"var": ""}` at the top); `false` when over budget.
+    fn charge_context_copy(&self) -> bool {
+        let cap = self.meter.bytes_left();
+        let mut total = VALUE_BYTES;
+        for (k, v) in &self.env.ctx.attributes {
+            match crate::val::copy_weight_within(&Val::from_json(v), cap.saturating_sub(total)) {
+                Some(w) => total = total.saturating_add(w + k.len()),
+                None => return self.meter.charge(RULE_SITE, 0, u64::MAX),
+            }
+        }
+        let w = total as u64;
+        self.meter
+            .charge(RULE_SITE, w / BUDGET_BYTES_PER_STEP + 1, w)
     }
 
     #[inline(never)]
     fn array(&self, items: &'a [Node], scope: Scope<'_, 'a>) -> Val<'a> {
-        Val::Array(items.iter().map(|i| self.eval(i, scope)).collect())
+        if !self
+            .meter
+            .charge(RULE_SITE, 0, items.len() as u64 * VALUE_BYTES as u64)
+        {
+            return Val::Null;
+        }
+        Val::Array(Rc::new(items.iter().map(|i| self.eval(i, scope)).collect()))
     }
 
     #[inline(never)]
     fn var_dyn(&self, args: &'a [Node], scope: Scope<'_, 'a>) -> Val<'a> {
-        let vals: Vec<Val<'a>> = args.iter().map(|a| self.eval(a, scope)).collect();
+        let vals: Vec<Val<'a>> = args.iter().map(|a| self.eval_coercible(a, scope)).collect();
         let text = match vals.first() {
             None | Some(Val::Null) => String::new(),
             Some(v) => v.to_js_string(),
@@ -1172,18 +1370,28 @@ impl<'a> Eval<'a> {
     }
 
     #[inline(never)]
-    fn reduce(&self, parts: &'a [Node; 3], has_initial: bool, scope: Scope<'_, 'a>) -> Val<'a> {
+    fn reduce(
+        &self,
+        parts: &'a [Node; 3],
+        has_initial: bool,
+        meta: Meta,
+        scope: Scope<'_, 'a>,
+    ) -> Val<'a> {
         let initial = if has_initial {
             self.eval(&parts[2], scope)
         } else {
             Val::Null
         };
         let data = self.eval(&parts[0], scope);
-        let Some(items) = data.array_items() else {
+        let Some(items) = self.elements(meta.site, &data, 0) else {
             return initial;
         };
+        let per_item = u64::from(meta.body) + 1;
         let mut acc = initial;
         for item in &items {
+            if !self.meter.charge(meta.site, per_item, 0) {
+                return Val::Null;
+            }
             acc = self.eval(
                 &parts[1],
                 Scope::Reduce {
@@ -1205,6 +1413,11 @@ impl<'a> Eval<'a> {
                 accumulator,
             } => {
                 let Some((first, rest)) = path.segs.split_first() else {
+                    if !(self.charge_copy(RULE_SITE, current)
+                        && self.charge_copy(RULE_SITE, accumulator))
+                    {
+                        return Some(Val::Null);
+                    }
                     let mut m = serde_json::Map::new();
                     m.insert("current".into(), current.to_value());
                     m.insert("accumulator".into(), accumulator.to_value());
@@ -1223,6 +1436,9 @@ impl<'a> Eval<'a> {
     fn lookup_root(&self, path: &Path) -> Option<Val<'a>> {
         let ctx = self.env.ctx;
         let Some((first, rest)) = path.segs.split_first() else {
+            if !self.charge_context_copy() {
+                return Some(Val::Null);
+            }
             return Some(Val::from_owned_json(ctx.to_data(self.env.flag_key)));
         };
         match path.root {
@@ -1253,10 +1469,17 @@ impl<'a> Eval<'a> {
         }
     }
 
-    fn op(&self, op: Op, args: &'a [Node], scope: Scope<'_, 'a>) -> Val<'a> {
+    fn op(&self, op: Op, site: Site, args: &'a [Node], scope: Scope<'_, 'a>) -> Val<'a> {
         let arg = |i: usize| -> Val<'a> {
             match args.get(i) {
                 Some(n) => self.eval(n, scope),
+                None => Val::Null,
+            }
+        };
+        // An operand of arithmetic, which turns arrays and objects into text.
+        let num_arg = |i: usize| -> Val<'a> {
+            match args.get(i) {
+                Some(n) => self.eval_coercible(n, scope),
                 None => Val::Null,
             }
         };
@@ -1268,11 +1491,11 @@ impl<'a> Eval<'a> {
             Op::NotNot => Val::Bool(arg(0).truthy()),
             Op::Add => Val::Num(
                 args.iter()
-                    .map(|n| self.eval(n, scope).parse_float())
+                    .map(|n| self.eval_coercible(n, scope).parse_float())
                     .fold(0.0, |a, b| a + b),
             ),
             Op::Mul => {
-                let mut vals = args.iter().map(|n| self.eval(n, scope));
+                let mut vals = args.iter().map(|n| self.eval_coercible(n, scope));
                 let Some(first) = vals.next() else {
                     // Array.reduce on no values throws in json-logic-js; null here.
                     return Val::Null;
@@ -1285,11 +1508,14 @@ impl<'a> Eval<'a> {
             }
             Op::Sub => match args.len() {
                 0 => Val::Num(f64::NAN),
-                1 => Val::Num(-arg(0).to_number()),
-                _ => Val::Num(arg(0).to_number() - arg(1).to_number()),
+                1 => Val::Num(-num_arg(0).to_number()),
+                _ => Val::Num(num_arg(0).to_number() - num_arg(1).to_number()),
             },
-            Op::Div => Val::Num(arg(0).to_number() / num_or_nan(args, 1, &arg)),
-            Op::Mod => Val::Num(js_rem(arg(0).to_number(), num_or_nan(args, 1, &arg))),
+            Op::Div => Val::Num(num_arg(0).to_number() / num_or_nan(args, 1, &num_arg)),
+            Op::Mod => Val::Num(js_rem(
+                num_arg(0).to_number(),
+                num_or_nan(args, 1, &num_arg),
+            )),
             Op::Min | Op::Max => {
                 let is_min = op == Op::Min;
                 let mut acc = if is_min {
@@ -1298,7 +1524,7 @@ impl<'a> Eval<'a> {
                     f64::NEG_INFINITY
                 };
                 for n in args {
-                    let x = self.eval(n, scope).to_number();
+                    let x = self.eval_coercible(n, scope).to_number();
                     if x.is_nan() || acc.is_nan() {
                         acc = f64::NAN;
                     } else if (is_min && x < acc) || (!is_min && x > acc) {
@@ -1307,23 +1533,7 @@ impl<'a> Eval<'a> {
                 }
                 Val::Num(acc)
             }
-            Op::In => {
-                let needle = arg(0);
-                let hay = arg(1);
-                match &hay {
-                    Val::Str(s) if !s.is_empty() => Val::Bool(contains_str(s, &needle)),
-                    Val::String(s) if !s.is_empty() => Val::Bool(contains_str(s, &needle)),
-                    // Searched in place: literal lists are the common haystack.
-                    Val::Json(Value::Array(items)) => {
-                        Val::Bool(items.iter().any(|i| Val::from_json(i).strict_eq(&needle)))
-                    }
-                    Val::Array(items) => Val::Bool(items.iter().any(|i| i.strict_eq(&needle))),
-                    other => match other.array_items() {
-                        Some(items) => Val::Bool(items.iter().any(|i| i.strict_eq(&needle))),
-                        None => Val::Bool(false),
-                    },
-                }
-            }
+            Op::In => self.in_op(site, arg(0), arg(1)),
             Op::Cat => {
                 if let [only] = args {
                     if let v @ (Val::Str(_) | Val::String(_)) = self.eval(only, scope) {
@@ -1332,15 +1542,34 @@ impl<'a> Eval<'a> {
                 }
                 let mut out = String::new();
                 for n in args {
-                    self.eval(n, scope).write_js_string(&mut out);
+                    let v = self.eval(n, scope);
+                    let Some(len) = self.text_len(site, &v) else {
+                        return Val::Null;
+                    };
+                    if !self.meter.charge_text(site, len, true) {
+                        return Val::Null;
+                    }
+                    v.write_js_string(&mut out);
                 }
                 Val::String(out)
             }
             Op::Substr => {
-                let source = arg(0).to_js_string();
-                let start = to_integer(arg(1).to_number());
+                let source = arg(0);
+                let Some(len) = self.text_len(site, &source) else {
+                    return Val::Null;
+                };
+                // The text, its characters (four bytes each) and the part taken.
+                let len = len as u64;
+                if !self
+                    .meter
+                    .charge(site, len / BUDGET_BYTES_PER_STEP + 1, len.saturating_mul(6))
+                {
+                    return Val::Null;
+                }
+                let source = source.to_js_string();
+                let start = to_integer(num_arg(1).to_number());
                 let length = if args.len() >= 3 {
-                    Some(to_integer(arg(2).to_number()))
+                    Some(to_integer(num_arg(2).to_number()))
                 } else {
                     None
                 };
@@ -1350,30 +1579,45 @@ impl<'a> Eval<'a> {
                 let mut out = Vec::new();
                 for n in args {
                     let v = self.eval(n, scope);
-                    match v.array_items() {
-                        Some(items) => out.extend(items),
-                        None => out.push(v),
+                    let len = v.array_len().unwrap_or(1).max(1) as u64;
+                    if !self.meter.charge(site, len, len * VALUE_BYTES as u64) {
+                        return Val::Null;
+                    }
+                    match &v {
+                        Val::Json(Value::Array(items)) => {
+                            out.extend(items.iter().map(Val::from_json))
+                        }
+                        Val::Array(items) => out.extend(items.iter().cloned()),
+                        _ => match v.array_items() {
+                            Some(items) => out.extend(items),
+                            None => out.push(v),
+                        },
                     }
                 }
-                Val::Array(out)
+                Val::Array(Rc::new(out))
             }
             Op::Missing => {
                 let vals: Vec<Val<'a>> = args.iter().map(|n| self.eval(n, scope)).collect();
-                self.missing(vals, scope)
+                self.missing(site, vals, scope)
             }
             Op::MissingSome => {
-                let need = arg(0).to_number();
+                let need = num_arg(0).to_number();
                 let options = arg(1);
-                let keys = match options.array_items() {
-                    Some(items) => items,
-                    None => vec![options.clone()],
+                let Some(keys) = self.elements(site, &options, 0) else {
+                    let missing = self.missing(site, vec![options.clone()], scope);
+                    return match options.array_len() {
+                        Some(total) if total as f64 - len_of(&missing) >= need => {
+                            Val::Array(Rc::default())
+                        }
+                        _ => missing,
+                    };
                 };
-                let total = options.array_len().map(|l| l as f64);
-                let missing = self.missing(keys, scope);
-                let missing_count = missing.array_len().unwrap_or(0) as f64;
-                match total {
-                    Some(total) if total - missing_count >= need => Val::Array(vec![]),
-                    _ => missing,
+                let total = keys.len() as f64;
+                let missing = self.missing(site, keys, scope);
+                if total - len_of(&missing) >= need {
+                    Val::Array(Rc::default())
+                } else {
+                    missing
                 }
             }
             Op::StartsWith | Op::EndsWith => {
@@ -1393,14 +1637,71 @@ impl<'a> Eval<'a> {
         }
     }
 
+    /// `in`: a substring of a string, or an element of an array.
     #[inline(never)]
-    fn missing(&self, vals: Vec<Val<'a>>, scope: Scope<'_, 'a>) -> Val<'a> {
-        let keys: Vec<Val<'a>> = match vals.first().and_then(Val::array_items) {
+    fn in_op(&self, site: Site, needle: Val<'a>, hay: Val<'a>) -> Val<'a> {
+        match &hay {
+            Val::Str(_) | Val::String(_) if hay.as_str() != Some("") => {
+                let Some(needle_len) = self.text_len(site, &needle) else {
+                    return Val::Null;
+                };
+                let hay_str = hay.as_str().unwrap_or_default();
+                if !self.meter.charge_text(
+                    site,
+                    hay_str.len() + needle_len,
+                    needle.as_str().is_none(),
+                ) {
+                    return Val::Null;
+                }
+                Val::Bool(contains_str(hay_str, &needle))
+            }
+            // Searched in place: literal lists are the common haystack.
+            Val::Json(Value::Array(items)) => {
+                if !self.meter.charge(site, items.len() as u64 + 1, 0) {
+                    return Val::Null;
+                }
+                Val::Bool(items.iter().any(|i| Val::from_json(i).strict_eq(&needle)))
+            }
+            Val::Array(items) => {
+                if !self.meter.charge(site, items.len() as u64 + 1, 0) {
+                    return Val::Null;
+                }
+                Val::Bool(items.iter().any(|i| i.strict_eq(&needle)))
+            }
+            other => match self.elements(site, other, 1) {
+                Some(items) => Val::Bool(items.iter().any(|i| i.strict_eq(&needle))),
+                None => Val::Bool(false),
+            },
+        }
+    }
+
+    /// The elements of an array, charged a step each (`steps` per element) and the memory of the
+    /// list; `None` when `v` is not an array, or (with the budget exhausted) when over budget.
+    fn elements(&self, site: Site, v: &Val<'a>, steps: u64) -> Option<Vec<Val<'a>>> {
+        let n = v.array_len()? as u64;
+        if !self
+            .meter
+            .charge(site, n * steps + 1, n * VALUE_BYTES as u64)
+        {
+            return None;
+        }
+        v.array_items()
+    }
+
+    #[inline(never)]
+    fn missing(&self, site: Site, vals: Vec<Val<'a>>, scope: Scope<'_, 'a>) -> Val<'a> {
+        let keys: Vec<Val<'a>> = match vals.first().and_then(|v| self.elements(site, v, 0)) {
             Some(items) => items,
             None => vals,
         };
         let mut out = Vec::new();
         for key in keys {
+            let Some(len) = self.text_len(site, &key) else {
+                return Val::Null;
+            };
+            if !self.meter.charge_text(site, len, true) {
+                return Val::Null;
+            }
             let text = match &key {
                 Val::Null => String::new(),
                 other => other.to_js_string(),
@@ -1414,49 +1715,88 @@ impl<'a> Eval<'a> {
                 out.push(key);
             }
         }
-        Val::Array(out)
+        Val::Array(Rc::new(out))
     }
 
     #[inline(never)]
-    fn iter(&self, kind: Iter, data: &'a Node, logic: &'a Node, scope: Scope<'_, 'a>) -> Val<'a> {
+    fn iter(
+        &self,
+        kind: Iter,
+        data: &'a Node,
+        logic: &'a Node,
+        meta: Meta,
+        scope: Scope<'_, 'a>,
+    ) -> Val<'a> {
         let data = self.eval(data, scope);
-        let items = data.array_items();
-        let Some(items) = items else {
+        if data.array_len().is_none() {
             return match kind {
-                Iter::Map | Iter::Filter => Val::Array(vec![]),
+                Iter::Map | Iter::Filter => Val::Array(Rc::default()),
                 Iter::All | Iter::Some => Val::Bool(false),
                 Iter::None => Val::Bool(true),
             };
+        }
+        // `map` and `filter` build a list as long again.
+        let lists = if matches!(kind, Iter::Map | Iter::Filter) {
+            2
+        } else {
+            1
+        };
+        let n = data.array_len().unwrap_or(0) as u64;
+        if !self
+            .meter
+            .charge(meta.site, 0, (lists - 1) * n * VALUE_BYTES as u64)
+        {
+            return Val::Null;
+        }
+        let Some(items) = self.elements(meta.site, &data, 0) else {
+            return Val::Null;
+        };
+        let per_item = u64::from(meta.body) + 1;
+        let body = |i: &Val<'a>| -> Option<Val<'a>> {
+            self.meter
+                .charge(meta.site, per_item, 0)
+                .then(|| self.eval(logic, Scope::Item(i)))
         };
         match kind {
-            Iter::Map => Val::Array(
-                items
-                    .iter()
-                    .map(|i| self.eval(logic, Scope::Item(i)))
-                    .collect(),
-            ),
-            Iter::Filter => Val::Array(
-                items
-                    .into_iter()
-                    .filter(|i| self.eval(logic, Scope::Item(i)).truthy())
-                    .collect(),
-            ),
-            Iter::All => Val::Bool(
-                !items.is_empty()
-                    && items
-                        .iter()
-                        .all(|i| self.eval(logic, Scope::Item(i)).truthy()),
-            ),
-            Iter::None => Val::Bool(
-                !items
-                    .iter()
-                    .any(|i| self.eval(logic, Scope::Item(i)).truthy()),
-            ),
-            Iter::Some => Val::Bool(
-                items
-                    .iter()
-                    .any(|i| self.eval(logic, Scope::Item(i)).truthy()),
-            ),
+            Iter::Map => {
+                let mut out = Vec::with_capacity(items.len());
+                for i in &items {
+                    let Some(v) = body(i) else {
+                        return Val::Null;
+                    };
+                    out.push(v);
+                }
+                Val::Array(Rc::new(out))
+            }
+            Iter::Filter => {
+                let mut out = Vec::new();
+                for i in items {
+                    let Some(v) = body(&i) else {
+                        return Val::Null;
+                    };
+                    if v.truthy() {
+                        out.push(i);
+                    }
+                }
+                Val::Array(Rc::new(out))
+            }
+            Iter::All | Iter::None | Iter::Some => {
+                // `all` needs every element truthy (and one at least); `some` one; `none` none.
+                let stop_on = kind != Iter::All;
+                for i in &items {
+                    let Some(v) = body(i) else {
+                        return Val::Null;
+                    };
+                    if v.truthy() == stop_on {
+                        return Val::Bool(kind == Iter::Some);
+                    }
+                }
+                Val::Bool(match kind {
+                    Iter::All => !items.is_empty(),
+                    Iter::None => true,
+                    _ => false,
+                })
+            }
         }
     }
 
@@ -1562,13 +1902,6 @@ fn compare_vals(op: Op, var_first: bool, var: &Val<'_>, lit: &Val<'_>) -> bool {
     }
 }
 
-/// A comparison of an attribute (absent: null, the left operand) with a literal, the long way.
-#[inline(never)]
-fn attr_cmp_generic(op: Op, found: Option<&Value>, lit: &Val<'_>) -> bool {
-    let var = found.map_or(Val::Null, Val::from_json);
-    compare_vals(op, true, &var, lit)
-}
-
 /// `sem_ver` of an attribute that is not a string (absent: null), the long way.
 #[inline(never)]
 fn sem_ver_generic(found: Option<&Value>, op: SemverOp, target: &OwnedVersion) -> bool {
@@ -1649,6 +1982,11 @@ fn lookup_json_path<'a>(mut v: &'a Value, segs: &[Seg]) -> Option<Val<'a>> {
         };
     }
     Some(Val::from_json(v))
+}
+
+/// The length of a list `missing` returned.
+fn len_of(v: &Val<'_>) -> f64 {
+    v.array_len().unwrap_or(0) as f64
 }
 
 fn num_or_nan<'a>(args: &[Node], i: usize, arg: &impl Fn(usize) -> Val<'a>) -> f64 {

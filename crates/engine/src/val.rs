@@ -20,8 +20,10 @@ pub(crate) enum Val<'a> {
     String(String),
     /// An array or object borrowed from the rule or the context.
     Json(&'a Value),
-    /// An array built during evaluation (`map`, `merge`, literal arrays with logic inside).
-    Array(Vec<Val<'a>>),
+    /// An array built during evaluation (`map`, `merge`, literal arrays with logic inside);
+    /// shared, so reading it from a scope (`var` in `map`, the accumulator of `reduce`) is a
+    /// reference count, not a copy.
+    Array(Rc<Vec<Val<'a>>>),
     /// An object or array built during evaluation (the whole data object, `$flagd`).
     Owned(Rc<Value>),
 }
@@ -102,7 +104,7 @@ impl<'a> Val<'a> {
     pub(crate) fn array_items(&self) -> Option<Vec<Val<'a>>> {
         match self {
             Val::Json(Value::Array(a)) => Some(a.iter().map(Val::from_json).collect()),
-            Val::Array(a) => Some(a.clone()),
+            Val::Array(a) => Some(a.to_vec()),
             Val::Owned(v) => match &**v {
                 Value::Array(a) => Some(a.iter().cloned().map(Val::from_owned_json).collect()),
                 _ => None,
@@ -121,7 +123,7 @@ impl<'a> Val<'a> {
         }
     }
 
-    fn is_object_like(&self) -> bool {
+    pub(crate) fn is_object_like(&self) -> bool {
         matches!(self, Val::Json(_) | Val::Array(_) | Val::Owned(_))
     }
 
@@ -294,6 +296,105 @@ impl<'a> Val<'a> {
             }
             other => other.to_value().to_string().replace('"', ""),
         }
+    }
+}
+
+/// At most how many bytes String(v) writes, or `None` when that is more than `cap`: what the
+/// evaluation budget is charged before a value is turned into text. Stops counting once past
+/// `cap`, so weighing a huge value costs no more than the budget it would exceed.
+pub(crate) fn js_len_within(v: &Val<'_>, cap: usize) -> Option<usize> {
+    let mut total = 0usize;
+    weigh_val_text(v, cap, 0, &mut total).then_some(total)
+}
+
+/// How much memory a copy of `v` as JSON takes, at most: [`VALUE_BYTES`] a value plus the bytes
+/// of its strings; `None` when more than `cap`.
+pub(crate) fn copy_weight_within(v: &Val<'_>, cap: usize) -> Option<usize> {
+    let mut total = 0usize;
+    let ok = match v {
+        Val::Json(j) => weigh_json_copy(j, cap, &mut total),
+        Val::Owned(j) => weigh_json_copy(j, cap, &mut total),
+        Val::Array(items) => {
+            total = VALUE_BYTES;
+            items.iter().all(|i| {
+                copy_weight_within(i, cap.saturating_sub(total)).is_some_and(|w| {
+                    total = total.saturating_add(w);
+                    total <= cap
+                })
+            })
+        }
+        Val::String(s) => {
+            total = VALUE_BYTES + s.len();
+            total <= cap
+        }
+        _ => {
+            total = VALUE_BYTES;
+            total <= cap
+        }
+    };
+    ok.then_some(total)
+}
+
+/// Bytes charged for each value an operation builds or copies (a `Val` or a JSON value).
+pub(crate) const VALUE_BYTES: usize = bunting_model::limits::BUDGET_VALUE_BYTES as usize;
+
+fn weigh_json_copy(v: &Value, cap: usize, total: &mut usize) -> bool {
+    *total = total.saturating_add(VALUE_BYTES);
+    if *total > cap {
+        return false;
+    }
+    match v {
+        Value::String(s) => {
+            *total = total.saturating_add(s.len());
+            *total <= cap
+        }
+        Value::Array(items) => items.iter().all(|i| weigh_json_copy(i, cap, total)),
+        Value::Object(m) => m.iter().all(|(k, i)| {
+            *total = total.saturating_add(k.len());
+            weigh_json_copy(i, cap, total)
+        }),
+        _ => true,
+    }
+}
+
+/// Longest text a number can take in String() ("-1.7976931348623157e+308" and the like).
+const NUMBER_TEXT_BYTES: usize = 25;
+
+fn weigh_val_text(v: &Val<'_>, cap: usize, depth: usize, total: &mut usize) -> bool {
+    let add = |total: &mut usize, n: usize| {
+        *total = total.saturating_add(n);
+        *total <= cap
+    };
+    match v {
+        Val::Null => add(total, 4),
+        Val::Bool(_) => add(total, 5),
+        Val::Num(_) => add(total, NUMBER_TEXT_BYTES),
+        Val::Str(s) => add(total, s.len()),
+        Val::String(s) => add(total, s.len()),
+        Val::Json(j) => weigh_json_text(j, cap, depth, total),
+        Val::Owned(j) => weigh_json_text(j, cap, depth, total),
+        Val::Array(_) if depth >= MAX_STRINGIFY_DEPTH => true,
+        Val::Array(items) => items
+            .iter()
+            .all(|i| add(total, 1) && weigh_val_text(i, cap, depth + 1, total)),
+    }
+}
+
+fn weigh_json_text(v: &Value, cap: usize, depth: usize, total: &mut usize) -> bool {
+    let add = |total: &mut usize, n: usize| {
+        *total = total.saturating_add(n);
+        *total <= cap
+    };
+    match v {
+        Value::Null => add(total, 4),
+        Value::Bool(_) => add(total, 5),
+        Value::Number(_) => add(total, NUMBER_TEXT_BYTES),
+        Value::String(s) => add(total, s.len()),
+        Value::Object(_) => add(total, "[object Object]".len()),
+        Value::Array(_) if depth >= MAX_STRINGIFY_DEPTH => true,
+        Value::Array(items) => items
+            .iter()
+            .all(|i| add(total, 1) && weigh_json_text(i, cap, depth + 1, total)),
     }
 }
 

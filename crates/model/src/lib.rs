@@ -7,6 +7,7 @@
 //!
 //! Never does: I/O, clock reads, evaluation (that is `bunting-engine`), or replication.
 
+mod cost;
 mod flagset;
 pub mod limits;
 mod problem;
@@ -14,7 +15,10 @@ mod validate;
 
 pub use flagset::{DefaultVariant, Flag, FlagSet, FlagState, FlagsForm};
 pub use problem::{pointer, Problem, Problems};
-pub use validate::{is_valid_flag_key, rule_depth, validate_flag, VariantType};
+pub use validate::{
+    is_valid_flag_key, rule_depth, validate_flag, validate_flag_within,
+    validate_stored_flag_within, VariantType,
+};
 
 /// Every targeting operation the engine implements: JsonLogic's and flagd's custom ones.
 ///

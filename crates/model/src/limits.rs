@@ -39,3 +39,38 @@ pub const MAX_EVALUATORS: usize = 1_000;
 
 /// Most metadata entries on a flag or on the flag set.
 pub const MAX_METADATA_ENTRIES: usize = 100;
+
+/// Most rule nodes after `$ref` expansion summed over every rule of one flag set (targeting and
+/// `$evaluators`): 1,000,000. Ten times the per-rule limit, and as many as 10,000 flags (the
+/// plan, DESIGN.md §2) of 100 operations each. The per-rule limit alone let 1,000 small flags
+/// that each reference one exponentially expanding evaluator make a ~300 KB upload cost 40 million
+/// nodes (minutes of compiling and gigabytes on every node); validation stops expanding as soon as
+/// the running sum passes this limit, and the engine compiles no more than this many nodes a set.
+pub const MAX_EXPANDED_SET_NODES: usize = 1_000_000;
+
+/// Largest evaluation context a rule is checked against, in bytes of JSON: 256 KiB, the OFREP
+/// request body limit (the node's default `max_evaluation_body_bytes`). Validation refuses a rule
+/// whose worst-case cost for a context this large exceeds the evaluation budget; the runtime budget
+/// still holds for larger contexts (an operator may raise the body limit).
+pub const MAX_CONTEXT_BYTES: usize = 256 * 1024;
+
+/// Steps one evaluation of one flag may take: 4,000,000. A step is about one rule node evaluated,
+/// one element copied or scanned, or [`BUDGET_BYTES_PER_STEP`] bytes of text built (a few
+/// nanoseconds each), so an evaluation ends within tens of milliseconds at worst (measured:
+/// see the engine's README), never seconds. It lets one `map`/`some`/`all` with a body of up to
+/// about 30 nodes run over the largest context's array (131,072 elements); an iteration nested
+/// in another over context data does not fit, and validation says so.
+pub const MAX_EVALUATION_STEPS: u64 = 4_000_000;
+
+/// Bytes one evaluation of one flag may allocate for the values it builds (arrays from `merge`,
+/// `map` and `filter`, text from `cat` and `substr`, copies of the context): 16 MiB, a few times
+/// the largest context's worth of values. Counted cumulatively, so it bounds both peak memory and
+/// allocation work; without it one 200 KB request made a node allocate 3.2 GB and abort.
+pub const MAX_EVALUATION_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Cost model shared by validation and the engine: bytes charged for each value an operation
+/// builds or copies (the size of an evaluation value).
+pub const BUDGET_VALUE_BYTES: u64 = 32;
+
+/// Cost model shared by validation and the engine: bytes of text built or scanned per step.
+pub const BUDGET_BYTES_PER_STEP: u64 = 64;

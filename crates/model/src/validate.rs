@@ -72,23 +72,108 @@ pub(crate) fn validate(set: &FlagSet) -> Problems {
         ));
     }
     check_metadata(&set.metadata, "/metadata", &mut problems);
+    // Rule nodes the set may still expand to: once its rules pass the limit, no further rule is
+    // expanded, so validating a set costs bounded work however its evaluators expand.
+    let mut set_left = MAX_EXPANDED_SET_NODES;
     for (name, rule) in &set.evaluators {
         let at = pointer(["$evaluators", name.as_str()]);
-        check_rule(rule, &at, &set.evaluators, &mut problems);
+        // An evaluator is not compiled on its own: what checking it costs is the nodes walked
+        // (each evaluator it uses once), not its expanded size, which counts where flags use it.
+        let size = check_rule(rule, &at, &set.evaluators, usize::MAX, &mut problems);
+        if !spend_set_nodes(&mut set_left, size.walked, &at, &mut problems) {
+            break;
+        }
     }
     for (i, (key, flag)) in set.flags.iter().enumerate() {
         let at = match set.flags_form {
             crate::FlagsForm::Map => pointer(["flags", key.as_str()]),
             crate::FlagsForm::Array => pointer(["flags".to_owned(), i.to_string()]),
         };
-        problems.extend(validate_flag_at(key, flag, &set.evaluators, &at));
+        if set_left == 0 {
+            // Past the set's limit: everything but the rule is still checked.
+            let without_rule = Flag {
+                targeting: None,
+                ..flag.clone()
+            };
+            let found = validate_flag_at(key, &without_rule, &set.evaluators, &at, 0, Cost::Check);
+            problems.extend(found.0);
+            continue;
+        }
+        let (found, nodes) =
+            validate_flag_at(key, flag, &set.evaluators, &at, set_left, Cost::Check);
+        problems.extend(found);
+        spend_set_nodes(
+            &mut set_left,
+            nodes,
+            &format!("{at}/targeting"),
+            &mut problems,
+        );
     }
     Problems(problems)
 }
 
+/// Takes `nodes` from what the flag set may still expand to; past the limit reports it at `at`
+/// (the rule that passed it) and answers `false`.
+fn spend_set_nodes(
+    set_left: &mut usize,
+    nodes: usize,
+    at: &str,
+    problems: &mut Vec<Problem>,
+) -> bool {
+    if nodes <= *set_left {
+        *set_left -= nodes;
+        return true;
+    }
+    if *set_left > 0 {
+        problems.push(Problem::new(
+            at,
+            format!(
+                "the flag set's rules expand to more than {MAX_EXPANDED_SET_NODES} operations and \
+                 values after $ref expansion (MAX_EXPANDED_SET_NODES), passed at this rule; rules \
+                 after it were not checked"
+            ),
+        ));
+    }
+    *set_left = 0;
+    false
+}
+
 /// Validates one flag against the flag set's `$evaluators`; pointers start at `/flags/{key}`.
 pub fn validate_flag(key: &str, flag: &Flag, evaluators: &IndexMap<String, Value>) -> Vec<Problem> {
-    validate_flag_at(key, flag, evaluators, &pointer(["flags", key]))
+    validate_flag_within(key, flag, evaluators, MAX_EXPANDED_SET_NODES).0
+}
+
+/// [`validate_flag`] for a flag whose rule may expand to at most `set_nodes_left` nodes (what its
+/// flag set has left of [`MAX_EXPANDED_SET_NODES`]); also returns how many it expanded to, more
+/// than `set_nodes_left` when it passed that (expansion stops there).
+pub fn validate_flag_within(
+    key: &str,
+    flag: &Flag,
+    evaluators: &IndexMap<String, Value>,
+    set_nodes_left: usize,
+) -> (Vec<Problem>, usize) {
+    let at = pointer(["flags", key]);
+    validate_flag_at(key, flag, evaluators, &at, set_nodes_left, Cost::Check)
+}
+
+/// [`validate_flag_within`] without the evaluation-cost check: what a stored flag needs to be
+/// compiled. A rule stored before the check existed, or merged from concurrent writes, still
+/// evaluates; the engine's run-time budget bounds each evaluation of it.
+pub fn validate_stored_flag_within(
+    key: &str,
+    flag: &Flag,
+    evaluators: &IndexMap<String, Value>,
+    set_nodes_left: usize,
+) -> (Vec<Problem>, usize) {
+    let at = pointer(["flags", key]);
+    validate_flag_at(key, flag, evaluators, &at, set_nodes_left, Cost::Skip)
+}
+
+/// Whether validation checks a rule's worst-case evaluation cost.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cost {
+    Check,
+    Skip,
 }
 
 fn validate_flag_at(
@@ -96,7 +181,9 @@ fn validate_flag_at(
     flag: &Flag,
     evaluators: &IndexMap<String, Value>,
     at: &str,
-) -> Vec<Problem> {
+    set_nodes_left: usize,
+    cost: Cost,
+) -> (Vec<Problem>, usize) {
     let mut problems = Vec::new();
     if !is_valid_flag_key(key) {
         problems.push(Problem::new(
@@ -157,11 +244,18 @@ fn validate_flag_at(
             ));
         }
     }
+    let mut nodes = 0;
     if let Some(rule) = &flag.targeting {
-        check_rule(rule, &format!("{at}/targeting"), evaluators, &mut problems);
+        let rule_at = format!("{at}/targeting");
+        let before = problems.len();
+        nodes = check_rule(rule, &rule_at, evaluators, set_nodes_left, &mut problems).expanded;
+        if cost == Cost::Check && problems.len() == before && nodes <= set_nodes_left {
+            // Only a rule that expands within its limits is walked again, for its cost.
+            crate::cost::check_cost(rule, &rule_at, evaluators, &mut problems);
+        }
     }
     check_metadata(&flag.metadata, &format!("{at}/metadata"), &mut problems);
-    problems
+    (problems, nodes)
 }
 
 fn check_metadata(
@@ -189,27 +283,41 @@ fn check_metadata(
 }
 
 /// Checks a targeting rule: known operators, known `$ref`s, no `$ref` cycles, and depth and size
-/// after expansion.
+/// after expansion. Returns the nodes it expands to; expansion stops once past `set_nodes_left`
+/// or the rule limit (the answer is then more than that).
 fn check_rule(
     rule: &Value,
     at: &str,
     evaluators: &IndexMap<String, Value>,
+    set_nodes_left: usize,
     problems: &mut Vec<Problem>,
-) {
+) -> RuleSize {
     let mut walker = RuleWalker {
         evaluators,
         expansions: HashMap::new(),
         visiting: HashSet::new(),
         problems,
+        budget: set_nodes_left.min(MAX_EXPANDED_RULE_NODES),
+        expanded: 0,
+        walked: 0,
     };
     let shape = walker.walk(rule, at);
+    let nodes = walker.expanded.max(shape.nodes);
+    let size = RuleSize {
+        expanded: nodes,
+        walked: walker.walked,
+    };
+    if walker.expanded > walker.budget && walker.budget < MAX_EXPANDED_RULE_NODES {
+        // Past what the flag set has left: the caller reports the set's limit.
+        return size;
+    }
     if shape.depth > MAX_RULE_DEPTH {
         walker.problems.push(Problem::new(
             at,
             format!("rule nests deeper than the limit of {MAX_RULE_DEPTH} (after $ref expansion)"),
         ));
     }
-    if shape.nodes > MAX_EXPANDED_RULE_NODES {
+    if nodes > MAX_EXPANDED_RULE_NODES {
         walker.problems.push(Problem::new(
             at,
             format!(
@@ -218,6 +326,15 @@ fn check_rule(
             ),
         ));
     }
+    size
+}
+
+/// How big a rule is, and what checking it cost.
+struct RuleSize {
+    /// Nodes after `$ref` expansion (past the walk's budget when it stopped there).
+    expanded: usize,
+    /// Nodes the walk visited: each evaluator once, however often it is used.
+    walked: usize,
 }
 
 /// Depth and size of a rule with its `$ref`s expanded.
@@ -235,10 +352,29 @@ struct RuleWalker<'a, 'p> {
     expansions: HashMap<&'a str, Shape>,
     visiting: HashSet<&'a str>,
     problems: &'p mut Vec<Problem>,
+    /// Nodes the rule may expand to; the walk stops once past it.
+    budget: usize,
+    /// Nodes expanded so far, counting each use of an evaluator at its full expanded size.
+    expanded: usize,
+    /// Nodes visited so far.
+    walked: usize,
 }
 
 impl<'a> RuleWalker<'a, '_> {
+    /// Counts `nodes` more expanded nodes; `false` once past the budget.
+    fn spend(&mut self, nodes: usize) -> bool {
+        self.expanded = self.expanded.saturating_add(nodes);
+        self.expanded <= self.budget
+    }
+
     fn walk(&mut self, rule: &'a Value, at: &str) -> Shape {
+        if self.expanded > self.budget {
+            return Shape { depth: 0, nodes: 0 };
+        }
+        self.walked += 1;
+        if !matches!(rule, Value::Object(o) if o.len() == 1 && o.contains_key("$ref")) {
+            self.spend(1);
+        }
         match rule {
             Value::Array(items) => {
                 let mut shape = Shape { depth: 1, nodes: 1 };
@@ -289,8 +425,10 @@ impl<'a> RuleWalker<'a, '_> {
             ));
             return leaf;
         };
-        if let Some(shape) = self.expansions.get(name.as_str()) {
-            return *shape;
+        if let Some(shape) = self.expansions.get(name.as_str()).copied() {
+            // The walk counted this evaluator's nodes once already; each further use adds them.
+            self.spend(shape.nodes);
+            return shape;
         }
         if !self.visiting.insert(name.as_str()) {
             self.problems.push(Problem::new(
@@ -419,6 +557,129 @@ mod tests {
                 .any(|p| p.pointer == "/flags/a/targeting" && p.message.contains("operations")),
             "{problems:?}"
         );
+    }
+
+    /// A flag set whose flag `f` has `rule` as targeting, and what validation says of it.
+    fn rule_problems(rule: Value) -> Vec<Problem> {
+        problems_of(json!({"flags": {"f": {"state": "ENABLED",
+            "variants": {"on": true, "off": false}, "defaultVariant": "off", "targeting": rule}}}))
+    }
+
+    #[test]
+    fn rules_that_could_exceed_the_evaluation_budget_are_refused_at_their_operation() {
+        let merge: Vec<Value> = (0..1_000).map(|_| json!({"var": "arr"})).collect();
+        let cat: Vec<Value> = (0..1_000).map(|_| json!({"var": "s"})).collect();
+        let mut terms = vec![json!({"var": "accumulator"})];
+        terms.extend((1..2_000).map(|_| json!({"var": "current"})));
+        for (rule, at, limit) in [
+            (
+                json!({"some": [{"merge": merge}, {"==": [{"var": ""}, 2]}]}),
+                "/flags/f/targeting/some/0/merge",
+                "MAX_EVALUATION_",
+            ),
+            (
+                json!({"if": [{"cat": cat}, "on", "off"]}),
+                "/flags/f/targeting/if/0/cat",
+                "MAX_EVALUATION_",
+            ),
+            (
+                json!({"reduce": [{"var": "arr"}, {"+": terms}, 0]}),
+                "/flags/f/targeting/reduce",
+                "MAX_EVALUATION_STEPS",
+            ),
+            (
+                // A body that scans a 100-element list for each element of a context array.
+                json!({"some": [{"var": "ids"}, {"in": [{"var": ""}, (0..100).collect::<Vec<u32>>()]}]}),
+                "/flags/f/targeting/some",
+                "MAX_EVALUATION_STEPS",
+            ),
+            (
+                json!({"reduce": [{"var": "arr"},
+                    {"merge": [{"var": "accumulator"}, [{"var": "current"}]]}, []]}),
+                "/flags/f/targeting/reduce",
+                "MAX_EVALUATION_",
+            ),
+        ] {
+            let problems = rule_problems(rule);
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.pointer == at && p.message.contains(limit)),
+                "want {at} naming {limit}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn single_passes_over_context_data_are_accepted() {
+        for rule in [
+            json!({"if": [{"in": [{"var": "email"}, {"var": "allowed"}]}, "on", "off"]}),
+            json!({"if": [{"in": ["@example.com", {"var": "email"}]}, "on", "off"]}),
+            json!({"if": [{"some": [{"var": "groups"}, {"==": [{"var": ""}, "beta"]}]}, "on",
+                "off"]}),
+            json!({"if": [{"all": [{"var": "items"}, {"and": [{">=": [{"var": "qty"}, 1]},
+                {"in": [{"var": "sku"}, ["a", "b", "c"]]}]}]}, "on", "off"]}),
+            json!({"if": [{"in": ["x", {"map": [{"var": "items"}, {"var": "name"}]}]}, "on",
+                "off"]}),
+            json!({"if": [{">": [{"reduce": [{"var": "cart"},
+                {"+": [{"var": "accumulator"}, {"var": "current.price"}]}, 0]}, 100]}, "on",
+                "off"]}),
+            json!({"if": [{"==": [{"cat": [{"var": "first"}, " ", {"var": "last"}]}, "a b"]},
+                "on", "off"]}),
+            json!({"if": [{"in": ["x", {"merge": [{"var": "a"}, {"var": "b"}]}]}, "on", "off"]}),
+            // Iterations nested over an element's own parts visit the data once in all.
+            json!({"if": [{"some": [{"var": "teams"}, {"some": [{"var": "members"},
+                {"==": [{"var": "role"}, "admin"]}]}]}, "on", "off"]}),
+        ] {
+            assert_eq!(rule_problems(rule.clone()), vec![], "{rule}");
+        }
+    }
+
+    /// Finding 4 of issue 12: 1,000 flags, each using an evaluator that expands to ~40,000 nodes.
+    fn doubling_evaluators_used_by_many_flags() -> Value {
+        let mut evaluators = serde_json::Map::new();
+        evaluators.insert("e0".into(), json!({"==": [{"var": "x"}, 1]}));
+        for i in 1..=13 {
+            let prev = format!("e{}", i - 1);
+            evaluators.insert(
+                format!("e{i}"),
+                json!({"and": [{"$ref": prev}, {"$ref": prev}]}),
+            );
+        }
+        let mut flags = serde_json::Map::new();
+        for i in 0..1_000 {
+            flags.insert(
+                format!("flag-{i}"),
+                json!({"state": "ENABLED", "variants": {"on": true, "off": false},
+                    "defaultVariant": "off", "targeting": {"if": [{"$ref": "e13"}, "on", "off"]}}),
+            );
+        }
+        json!({"flags": flags, "$evaluators": evaluators})
+    }
+
+    #[test]
+    fn expansion_is_bounded_for_the_whole_flag_set() {
+        let problems = problems_of(doubling_evaluators_used_by_many_flags());
+        let set_limit: Vec<&Problem> = problems
+            .iter()
+            .filter(|p| p.message.contains("MAX_EXPANDED_SET_NODES"))
+            .collect();
+        assert_eq!(set_limit.len(), 1, "{problems:?}");
+        assert!(set_limit[0].pointer.starts_with("/flags/flag-"));
+        // Each rule alone is within the per-rule limit.
+        assert!(!problems
+            .iter()
+            .any(|p| p.message.starts_with("rule has more than")));
+    }
+
+    #[test]
+    fn a_flag_set_just_within_the_expansion_limit_is_accepted() {
+        let mut doc = doubling_evaluators_used_by_many_flags();
+        // ~57,000 nodes a flag: 17 flags fit in the set's limit.
+        let flags = doc["flags"].as_object_mut().unwrap();
+        let keep: Vec<String> = flags.keys().take(17).cloned().collect();
+        flags.retain(|k, _| keep.contains(k));
+        assert_eq!(problems_of(doc), vec![]);
     }
 
     #[test]
