@@ -297,7 +297,9 @@ impl Simulation {
                     peer: PeerId(name.clone()),
                     name,
                     region: r,
-                    store: MemoryStore::new(),
+                    // Fixed, not random like a real new disk's, so a seed replays exactly;
+                    // simulated disks are never lost, so counting from 1 cannot repeat an actor.
+                    store: MemoryStore::with_first_incarnation(1),
                     replica: None,
                     epoch: 0,
                     disk_free_at: 0,

@@ -36,6 +36,7 @@ macro_rules! conformance_suite {
             sync_states_are_kept_per_peer_and_flag_set,
             token_records_can_be_put_listed_and_deleted,
             incarnation_strictly_increases_across_reopens,
+            a_brand_new_store_does_not_start_its_incarnations_at_one,
             oversized_records_are_refused_with_a_typed_error,
             invalid_names_are_refused,
             a_flipped_byte_in_a_change_is_reported_naming_the_record,
@@ -293,7 +294,28 @@ pub(crate) fn incarnation_strictly_increases_across_reopens<D: TestDisk>(mut dis
         seen.push(store.next_incarnation().unwrap());
         disk.close(store);
     }
-    assert_eq!(seen, vec![1, 2, 3, 4, 5, 6]);
+    let first = seen[0];
+    assert_eq!(seen, (first..first + 6).collect::<Vec<_>>());
+}
+
+pub(crate) fn a_brand_new_store_does_not_start_its_incarnations_at_one<D: TestDisk>(mut disk: D) {
+    // A node restarted on an empty disk under its old node id must not reuse an actor id.
+    let Some(mut other) = D::new() else { return };
+    let (a, b) = (disk.open(), other.open());
+    let (first_a, first_b) = (a.next_incarnation().unwrap(), b.next_incarnation().unwrap());
+    for first in [first_a, first_b] {
+        assert!(
+            (crate::FIRST_INCARNATION_MIN..crate::FIRST_INCARNATION_MIN + (1 << 51))
+                .contains(&first),
+            "first incarnation {first}"
+        );
+    }
+    assert_ne!(
+        first_a, first_b,
+        "two fresh disks drew the same incarnation"
+    );
+    disk.close(a);
+    other.close(b);
 }
 
 pub(crate) fn oversized_records_are_refused_with_a_typed_error<D: TestDisk>(mut disk: D) {
@@ -503,7 +525,7 @@ pub(crate) fn matches_a_simple_model<D: TestDisk>(mut disk: D, ops: &[Op]) {
     let mut sets: BTreeMap<String, ModelFlagSet> = BTreeMap::new();
     let mut sync: BTreeMap<(String, String), Vec<u8>> = BTreeMap::new();
     let mut tokens: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut incarnation = 0u64;
+    let mut incarnation: Option<u64> = None;
     let mut store = disk.open();
     for (step, op) in ops.iter().enumerate() {
         let filler = |len: u8| vec![step as u8; usize::from(len)];
@@ -571,8 +593,11 @@ pub(crate) fn matches_a_simple_model<D: TestDisk>(mut disk: D, ops: &[Op]) {
                 );
             }
             Op::NextIncarnation => {
-                incarnation += 1;
-                assert_eq!(store.next_incarnation().unwrap(), incarnation);
+                let next = store.next_incarnation().unwrap();
+                if let Some(last) = incarnation {
+                    assert_eq!(next, last + 1);
+                }
+                incarnation = Some(next);
             }
         }
     }

@@ -164,6 +164,26 @@ pub enum StoreError {
     /// A write was refused by an injected fault (simulator only: [`crate::MemoryStore::set_failing`]).
     #[error("injected storage fault")]
     InjectedFault,
+    /// The store file is empty, truncated or damaged, so nothing in it can be trusted; it was not changed.
+    #[error(
+        "the store file {} is damaged: {detail}. Restore it from a backup, or start with \
+         --reset-data to start empty and catch up from peers (the damaged file is kept beside it)",
+        path.display()
+    )]
+    Damaged {
+        /// The store file.
+        path: std::path::PathBuf,
+        /// What was found wrong (redb's own report, or that the file is empty).
+        detail: String,
+    },
+    /// The store file could not be read or created (no permission, a missing directory, …).
+    #[error("cannot use the store file {}: {source}", path.display())]
+    Io {
+        /// The store file.
+        path: std::path::PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
     /// The redb database reported an error (I/O, a lock held by another process, its own corruption checks).
     #[error("redb: {0}")]
     Redb(#[from] Box<redb::Error>),

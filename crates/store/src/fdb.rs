@@ -539,24 +539,28 @@ impl Store for FdbStore {
 
     fn next_incarnation(&self) -> Result<u64, StoreError> {
         let key = self.root.pack(&("i",));
+        // Drawn once, outside the retried transaction: a fresh prefix starts here, never at 1.
+        let first = crate::random_first_incarnation();
         self.run(|trx| {
             let key = &key;
             async move {
                 let id = RecordId::Incarnation;
-                let current = match trx.get(key, false).await? {
-                    None => 0,
+                let next = match trx.get(key, false).await? {
+                    None => first,
                     Some(stored) => {
-                        match record::decode(&id, &stored).and_then(|p| split_u64(&id, p)) {
-                            Ok((n, _)) => n,
-                            Err(e) => return Ok(Err(e)),
-                        }
+                        let current =
+                            match record::decode(&id, &stored).and_then(|p| split_u64(&id, p)) {
+                                Ok((n, _)) => n,
+                                Err(e) => return Ok(Err(e)),
+                            };
+                        let Some(next) = current.checked_add(1) else {
+                            return Ok(Err(StoreError::Corrupt {
+                                record: id,
+                                detail: "counter is at its maximum".into(),
+                            }));
+                        };
+                        next
                     }
-                };
-                let Some(next) = current.checked_add(1) else {
-                    return Ok(Err(StoreError::Corrupt {
-                        record: id,
-                        detail: "counter is at its maximum".into(),
-                    }));
                 };
                 trx.set(key, &record::encode(&id, &next.to_le_bytes()));
                 Ok(Ok(next))

@@ -11,10 +11,20 @@
 //! - per (peer, flag set): the Automerge sync state, so a reconnect does not resend bloom filters;
 //! - API token records, keyed by token id;
 //! - the node's incarnation counter, which makes every process start a fresh Automerge actor.
+//!   A brand-new store starts it at a random value ≥ 2^52 (see [`Store::next_incarnation`]).
 //!
 //! Never does: interpret what it stores. Changes, snapshots, sync states and tokens are opaque
 //! bytes; this crate knows nothing of Automerge, flags or token hashing. It never spawns threads or
-//! reads the clock, and it never returns a record that failed its checksum.
+//! reads the clock (its one source of randomness is a brand-new store's first incarnation), and it
+//! never returns a record that failed its checksum.
+//!
+//! # Damage
+//!
+//! [`RedbStore::open`] refuses a store file that is empty, truncated or damaged with
+//! [`StoreError::Damaged`], naming the file and what to do, and never panics on one: it verifies
+//! every page checksum on open (redb's integrity check), commits in two phases so a damaged last
+//! commit is an error rather than a silent fall-back to the one before, and turns a panic inside
+//! redb into an error. Only a missing file is a new store.
 //!
 //! # Durability guarantee
 //!
@@ -228,10 +238,33 @@ pub trait Store: Send + Sync {
     /// Deletes the record of token `token_id`; returns whether one existed.
     fn delete_token(&self, token_id: &str) -> Result<bool, StoreError>;
 
-    /// Durably increments and returns the node's incarnation counter (1 on a fresh store). Call
-    /// once per process start and derive the Automerge actor id from (node id, incarnation), so a
-    /// restarted node never reuses an actor's sequence numbers.
+    /// Durably increments and returns the node's incarnation counter. Call once per process start
+    /// and derive the Automerge actor id from (node id, incarnation), so a restarted node never
+    /// reuses an actor's sequence numbers.
+    ///
+    /// A brand-new store hands out a random first value in
+    /// [[`FIRST_INCARNATION_MIN`], [`FIRST_INCARNATION_MIN`] + 2^51) rather than 1: a node that
+    /// restarts on an empty or reset disk under the same node id must not reuse an actor id that
+    /// already made different changes (replicas holding two different changes under one actor id
+    /// and sequence number diverge for ever). [`MemoryStore::with_first_incarnation`] fixes the
+    /// value for the deterministic simulator.
     fn next_incarnation(&self) -> Result<u64, StoreError>;
+}
+
+/// The lowest first incarnation of a brand-new store (2^52). Values stay below 2^53 for ≈ 2^51
+/// restarts, so they remain exact as JSON numbers (the node reports its incarnation).
+pub const FIRST_INCARNATION_MIN: u64 = 1 << 52;
+
+/// A random first incarnation for a brand-new store: 51 random bits above
+/// [`FIRST_INCARNATION_MIN`], so two fresh stores (a reset disk and the one it replaced) collide
+/// with a probability of about (restarts of the old store) / 2^51.
+///
+/// The bits come from std's `RandomState`, whose keys the OS seeds: infallible, no dependency.
+pub(crate) fn random_first_incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(FIRST_INCARNATION_MIN);
+    FIRST_INCARNATION_MIN + (hasher.finish() >> 13)
 }
 
 /// Checks a name against the rules in [`Store`]'s doc.

@@ -20,13 +20,17 @@ use crate::{
 /// Records are kept framed and checksummed exactly like the disk backends' (so the conformance
 /// suite's corruption checks apply here too) and shared by reference count, so `clone()` copies
 /// only the maps, never the bytes: cheap enough to snapshot every node's disk at every step.
-#[derive(Debug, Default)]
+///
+/// Like every backend, a new `MemoryStore` starts its incarnations at a random value (see
+/// [`Store::next_incarnation`]); the simulator fixes it with
+/// [`MemoryStore::with_first_incarnation`] to stay deterministic.
+#[derive(Debug)]
 pub struct MemoryStore {
     /// The "disk". A mutex rather than `&mut self` so the store fits the shared `&self` trait.
     disk: Mutex<Disk>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Disk {
     flag_sets: BTreeMap<String, FlagSetDisk>,
     /// Keyed by (peer, flag set).
@@ -34,6 +38,8 @@ struct Disk {
     tokens: BTreeMap<String, Arc<[u8]>>,
     /// Framed u64; `None` until the first `next_incarnation`.
     incarnation: Option<Arc<[u8]>>,
+    /// What the first `next_incarnation` returns.
+    first_incarnation: u64,
     /// While set, every write fails with [`StoreError::InjectedFault`].
     failing: bool,
 }
@@ -66,11 +72,34 @@ impl Clone for MemoryStore {
     }
 }
 
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store, whose first incarnation is random like a brand-new disk's.
     #[must_use]
     pub fn new() -> Self {
-        Self::default()
+        Self::with_first_incarnation(crate::random_first_incarnation())
+    }
+
+    /// An empty store whose first [`Store::next_incarnation`] returns `first` (the simulator
+    /// derives it from its seed, so a run replays exactly). `first` must not be one a previous
+    /// disk of the same node handed out.
+    #[must_use]
+    pub fn with_first_incarnation(first: u64) -> Self {
+        MemoryStore {
+            disk: Mutex::new(Disk {
+                flag_sets: BTreeMap::new(),
+                sync_states: BTreeMap::new(),
+                tokens: BTreeMap::new(),
+                incarnation: None,
+                first_incarnation: first,
+                failing: false,
+            }),
+        }
     }
 
     /// While `failing` is true every mutating call fails with [`StoreError::InjectedFault`] and
@@ -315,14 +344,16 @@ impl Store for MemoryStore {
     fn next_incarnation(&self) -> Result<u64, StoreError> {
         let mut disk = self.lock_for_write()?;
         let id = RecordId::Incarnation;
-        let current = match &disk.incarnation {
-            None => 0,
-            Some(framed) => split_u64(&id, record::decode(&id, framed)?)?.0,
+        let next = match &disk.incarnation {
+            None => disk.first_incarnation,
+            Some(framed) => split_u64(&id, record::decode(&id, framed)?)?
+                .0
+                .checked_add(1)
+                .ok_or_else(|| StoreError::Corrupt {
+                    record: RecordId::Incarnation,
+                    detail: "counter is at its maximum".into(),
+                })?,
         };
-        let next = current.checked_add(1).ok_or_else(|| StoreError::Corrupt {
-            record: RecordId::Incarnation,
-            detail: "counter is at its maximum".into(),
-        })?;
         disk.incarnation = Some(record::encode(&id, &next.to_le_bytes()).into());
         Ok(next)
     }
@@ -367,6 +398,15 @@ mod tests {
             let disk = <MemoryDisk as crate::conformance::TestDisk>::new().unwrap();
             crate::conformance::matches_a_simple_model(disk, &ops);
         }
+    }
+
+    #[test]
+    fn a_fixed_first_incarnation_replays_exactly() {
+        let disk = MemoryStore::with_first_incarnation(7);
+        assert_eq!(disk.next_incarnation().unwrap(), 7);
+        let crashed = disk.clone();
+        assert_eq!(disk.next_incarnation().unwrap(), 8);
+        assert_eq!(crashed.next_incarnation().unwrap(), 8);
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! The embedded default backend: one redb file per node.
 
-use std::path::Path;
+use std::io;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError,
+    TableDefinition, WriteTransaction,
 };
 
 use crate::record::{self, split_u64};
@@ -31,10 +34,14 @@ const TABLE_COUNT: usize = 6;
 
 /// The embedded default store: one [redb](https://www.redb.org) file per node, no setup.
 ///
-/// Each mutating call is one redb write transaction committed with `Durability::Immediate`
-/// (fsync before `commit` returns), so a call that returned survives a process kill or power
-/// loss, and a torn transaction is rolled back by redb on the next open. Each value also carries
-/// this crate's CRC-32 framing, checked on every read.
+/// Each mutating call is one redb write transaction committed with `Durability::Immediate` in two
+/// phases (the pages are fsynced before the header names them), so a call that returned survives
+/// a process kill or power loss, and a torn transaction is rolled back by redb on the next open.
+/// Each value also carries this crate's CRC-32 framing, checked on every read.
+///
+/// Damage is never silent: [`RedbStore::open`] verifies every page checksum and refuses an empty,
+/// truncated or damaged file with [`StoreError::Damaged`]; a panic inside redb (some damage makes
+/// it panic rather than fail) is caught and reported the same way.
 ///
 /// Key layout (redb tables; every value is a framed record):
 ///
@@ -49,30 +56,63 @@ const TABLE_COUNT: usize = 6;
 #[derive(Debug)]
 pub struct RedbStore {
     db: Database,
+    /// The store file, for error messages.
+    path: PathBuf,
 }
 
 impl RedbStore {
-    /// Opens the store file at `path`, creating it (and its tables) if it does not exist. A file
-    /// left by a killed process is repaired by redb to its last committed transaction. Fails if
-    /// another process has the file open.
+    /// Opens the store file at `path`. A missing file is a new store: it is built under
+    /// `<path>.new` and renamed into place once its tables are committed, so a file at `path` is
+    /// always a whole store and an empty one is damage, never a first start. A file left by a
+    /// killed process is repaired by redb to its last committed transaction.
+    ///
+    /// Fails with [`StoreError::Damaged`] (naming the file and what to do) if the file is empty,
+    /// truncated or fails redb's integrity check (every page checksum is verified, ≈ one read of
+    /// the file), and with [`StoreError::Redb`] if another process has the file open.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
-        let db = Database::create(path)?;
-        let store = RedbStore { db };
-        // Create every table up front so readers never meet a missing table; skip the (fsynced)
-        // write when a previous run already did.
-        if store.db.begin_read()?.list_tables()?.count() >= TABLE_COUNT {
-            return Ok(store);
+        let path = path.as_ref();
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.len() == 0 => {
+                return Err(damaged(path, "the file is empty (0 bytes)".into()));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => create_new(path)?,
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
         }
-        store.write(|txn| {
-            txn.open_table(CHANGES)?;
-            txn.open_table(SNAPSHOTS)?;
-            txn.open_table(FLAG_SETS)?;
-            txn.open_table(SYNC_STATES)?;
-            txn.open_table(TOKENS)?;
-            txn.open_table(META)?;
-            Ok(())
+        let opened = contained(path, "opening the file", || {
+            Database::builder()
+                .set_check_integrity_on_open(true)
+                .open(path)
+                .map_err(|e| open_error(path, e))
         })?;
+        let store = RedbStore {
+            db: opened,
+            path: path.to_owned(),
+        };
+        // A file from an earlier version may lack tables (created on its first write); readers
+        // must never meet a missing table. Skip the (fsynced) write when they all exist.
+        let tables = store.guarded("listing its tables", || {
+            Ok(store.db.begin_read()?.list_tables()?.count())
+        })?;
+        if tables < TABLE_COUNT {
+            store.write(create_tables)?;
+        }
         Ok(store)
+    }
+
+    /// Runs a read or write of the file, turning a panic inside redb, or its own corruption
+    /// report, into [`StoreError::Damaged`] naming the file.
+    fn guarded<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        contained(&self.path, what, f)
     }
 
     /// Runs `f` in one durable write transaction: committed if it returns `Ok`, aborted otherwise.
@@ -80,19 +120,7 @@ impl RedbStore {
         &self,
         f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        match f(&txn) {
-            Ok(value) => {
-                txn.commit()?;
-                Ok(value)
-            }
-            Err(e) => {
-                // The error that matters is `e`; an abort failure only means nothing was written.
-                let _ = txn.abort();
-                Err(e)
-            }
-        }
+        self.guarded("writing", || write_txn(&self.db, f))
     }
 
     /// Test hook: edits the stored bytes of a change record through the table directly.
@@ -110,6 +138,128 @@ impl RedbStore {
             Ok(())
         })
         .expect("tampering commits");
+    }
+}
+
+/// Runs `f` in one durable, two-phase write transaction of `db`: committed if it returns `Ok`,
+/// aborted otherwise.
+///
+/// Two-phase: with redb's default one-phase commit, a damaged page of the last commit makes the
+/// next open fall back to the commit before it (right for a commit torn by a crash, which never
+/// returned), silently losing an acknowledged write. Flushing the pages before the header names
+/// them means a last commit that fails its checksums can only be damage, which redb then reports.
+fn write_txn<T>(
+    db: &Database,
+    f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    txn.set_two_phase_commit(true);
+    match f(&txn) {
+        Ok(value) => {
+            txn.commit()?;
+            Ok(value)
+        }
+        Err(e) => {
+            // The error that matters is `e`; an abort failure only means nothing was written.
+            let _ = txn.abort();
+            Err(e)
+        }
+    }
+}
+
+fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(CHANGES)?;
+    txn.open_table(SNAPSHOTS)?;
+    txn.open_table(FLAG_SETS)?;
+    txn.open_table(SYNC_STATES)?;
+    txn.open_table(TOKENS)?;
+    txn.open_table(META)?;
+    Ok(())
+}
+
+/// Builds a new, empty store at `path` (which does not exist): under `<path>.new` first, renamed
+/// into place once complete and durable, so `path` never names a half-made store.
+fn create_new(path: &Path) -> Result<(), StoreError> {
+    let io_error = |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(".new");
+    let staging = PathBuf::from(staging);
+    // A leftover from a first start killed before its rename never held data.
+    match std::fs::remove_file(&staging) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error(e)),
+        _ => {}
+    }
+    let db = Database::create(&staging)?;
+    write_txn(&db, create_tables)?;
+    db.close()?;
+    std::fs::rename(&staging, path).map_err(io_error)?;
+    // The rename itself must be durable before anything is stored in the file.
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error)
+}
+
+fn damaged(path: &Path, detail: String) -> StoreError {
+    StoreError::Damaged {
+        path: path.to_owned(),
+        detail,
+    }
+}
+
+/// Sorts an open failure: damage (redb's corruption report, a file too short for its own
+/// layout, a garbled format version) or something else (another process has it open, no
+/// permission), which is reported as is.
+fn open_error(path: &Path, e: DatabaseError) -> StoreError {
+    match e {
+        DatabaseError::Storage(StorageError::Corrupted(detail)) => damaged(path, detail),
+        DatabaseError::Storage(StorageError::Io(io))
+            if matches!(
+                io.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData
+            ) =>
+        {
+            damaged(path, io.to_string())
+        }
+        e @ (DatabaseError::UpgradeRequired(_) | DatabaseError::RepairAborted) => {
+            damaged(path, e.to_string())
+        }
+        other => other.into(),
+    }
+}
+
+/// Runs `f`, turning a panic inside redb, or redb's corruption report, into
+/// [`StoreError::Damaged`] naming the file. redb panics on some damage ("Malformed allocator
+/// state"); a node must refuse to start with a message instead. redb's state behind a caught
+/// panic is not trusted further: every later call is guarded the same way.
+fn contained<T>(
+    path: &Path,
+    what: &str,
+    f: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Err(StoreError::Redb(e))) if matches!(*e, redb::Error::Corrupted(_)) => {
+            Err(damaged(path, e.to_string()))
+        }
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(damaged(
+                path,
+                format!("redb panicked while {what}: {message}"),
+            ))
+        }
     }
 }
 
@@ -193,49 +343,51 @@ impl Store for RedbStore {
 
     fn load(&self, flag_set: &str) -> Result<LoadedFlagSet, StoreError> {
         check_name("flag set", flag_set)?;
-        let txn = self.db.begin_read()?;
-        let Some(covers) = snapshot_covers(&txn.open_table(FLAG_SETS)?, flag_set)? else {
-            return Ok(LoadedFlagSet::default());
-        };
-        let snapshot = match txn.open_table(SNAPSHOTS)?.get(flag_set)? {
-            None => None,
-            Some(guard) => {
-                let id = RecordId::Snapshot {
-                    flag_set: flag_set.to_owned(),
-                };
-                let (covers_through, bytes) = split_u64(&id, record::decode(&id, guard.value())?)?;
-                if covers_through != covers {
-                    return Err(StoreError::Corrupt {
-                        record: id,
-                        detail: format!(
-                            "covers change #{covers_through} but the flag set's info says #{covers}"
-                        ),
-                    });
-                }
-                Some(Snapshot {
-                    covers_through,
-                    bytes: bytes.to_vec(),
-                })
-            }
-        };
-        let mut changes = Vec::new();
-        for entry in txn
-            .open_table(CHANGES)?
-            .range((flag_set, 0)..=(flag_set, u64::MAX))?
-        {
-            let (key, value) = entry?;
-            let seq = key.value().1;
-            let id = RecordId::Change {
-                flag_set: flag_set.to_owned(),
-                seq,
+        self.guarded(&format!("loading flag set {flag_set:?}"), || {
+            let txn = self.db.begin_read()?;
+            let Some(covers) = snapshot_covers(&txn.open_table(FLAG_SETS)?, flag_set)? else {
+                return Ok(LoadedFlagSet::default());
             };
-            changes.push(StoredChange {
-                seq,
-                bytes: record::decode(&id, value.value())?.to_vec(),
-            });
-        }
-        check_contiguous(flag_set, covers, &changes)?;
-        Ok(LoadedFlagSet { snapshot, changes })
+            let snapshot = match txn.open_table(SNAPSHOTS)?.get(flag_set)? {
+                None => None,
+                Some(guard) => {
+                    let id = RecordId::Snapshot {
+                        flag_set: flag_set.to_owned(),
+                    };
+                    let (covers_through, bytes) = split_u64(&id, record::decode(&id, guard.value())?)?;
+                    if covers_through != covers {
+                        return Err(StoreError::Corrupt {
+                            record: id,
+                            detail: format!(
+                                "covers change #{covers_through} but the flag set's info says #{covers}"
+                            ),
+                        });
+                    }
+                    Some(Snapshot {
+                        covers_through,
+                        bytes: bytes.to_vec(),
+                    })
+                }
+            };
+            let mut changes = Vec::new();
+            for entry in txn
+                .open_table(CHANGES)?
+                .range((flag_set, 0)..=(flag_set, u64::MAX))?
+            {
+                let (key, value) = entry?;
+                let seq = key.value().1;
+                let id = RecordId::Change {
+                    flag_set: flag_set.to_owned(),
+                    seq,
+                };
+                changes.push(StoredChange {
+                    seq,
+                    bytes: record::decode(&id, value.value())?.to_vec(),
+                });
+            }
+            check_contiguous(flag_set, covers, &changes)?;
+            Ok(LoadedFlagSet { snapshot, changes })
+        })
     }
 
     fn compact(
@@ -275,34 +427,40 @@ impl Store for RedbStore {
     }
 
     fn flag_sets(&self) -> Result<Vec<String>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let mut names = Vec::new();
-        for entry in txn.open_table(FLAG_SETS)?.iter()? {
-            names.push(entry?.0.value().to_owned());
-        }
-        Ok(names)
+        self.guarded("listing flag sets", || {
+            let txn = self.db.begin_read()?;
+            let mut names = Vec::new();
+            for entry in txn.open_table(FLAG_SETS)?.iter()? {
+                names.push(entry?.0.value().to_owned());
+            }
+            Ok(names)
+        })
     }
 
     fn changes_since_snapshot(&self, flag_set: &str) -> Result<u64, StoreError> {
         check_name("flag set", flag_set)?;
-        let txn = self.db.begin_read()?;
-        let covers = snapshot_covers(&txn.open_table(FLAG_SETS)?, flag_set)?.unwrap_or(0);
-        Ok(last_seq(&txn.open_table(CHANGES)?, flag_set, covers)? - covers)
+        self.guarded(&format!("reading flag set {flag_set:?}"), || {
+            let txn = self.db.begin_read()?;
+            let covers = snapshot_covers(&txn.open_table(FLAG_SETS)?, flag_set)?.unwrap_or(0);
+            Ok(last_seq(&txn.open_table(CHANGES)?, flag_set, covers)? - covers)
+        })
     }
 
     fn sync_state(&self, peer: &str, flag_set: &str) -> Result<Option<Vec<u8>>, StoreError> {
         check_name("peer id", peer)?;
         check_name("flag set", flag_set)?;
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(SYNC_STATES)?;
-        let Some(guard) = table.get((peer, flag_set))? else {
-            return Ok(None);
-        };
-        let id = RecordId::SyncState {
-            peer: peer.to_owned(),
-            flag_set: flag_set.to_owned(),
-        };
-        Ok(Some(record::decode(&id, guard.value())?.to_vec()))
+        self.guarded("reading a sync state", || {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(SYNC_STATES)?;
+            let Some(guard) = table.get((peer, flag_set))? else {
+                return Ok(None);
+            };
+            let id = RecordId::SyncState {
+                peer: peer.to_owned(),
+                flag_set: flag_set.to_owned(),
+            };
+            Ok(Some(record::decode(&id, guard.value())?.to_vec()))
+        })
     }
 
     fn put_sync_state(&self, peer: &str, flag_set: &str, state: &[u8]) -> Result<(), StoreError> {
@@ -348,30 +506,34 @@ impl Store for RedbStore {
 
     fn token(&self, token_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         check_name("token id", token_id)?;
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(TOKENS)?;
-        let Some(guard) = table.get(token_id)? else {
-            return Ok(None);
-        };
-        let id = RecordId::Token {
-            token_id: token_id.to_owned(),
-        };
-        Ok(Some(record::decode(&id, guard.value())?.to_vec()))
+        self.guarded("reading a token", || {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(TOKENS)?;
+            let Some(guard) = table.get(token_id)? else {
+                return Ok(None);
+            };
+            let id = RecordId::Token {
+                token_id: token_id.to_owned(),
+            };
+            Ok(Some(record::decode(&id, guard.value())?.to_vec()))
+        })
     }
 
     fn tokens(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let mut out = Vec::new();
-        for entry in txn.open_table(TOKENS)?.iter()? {
-            let (key, value) = entry?;
-            let token_id = key.value().to_owned();
-            let id = RecordId::Token {
-                token_id: token_id.clone(),
-            };
-            let bytes = record::decode(&id, value.value())?.to_vec();
-            out.push((token_id, bytes));
-        }
-        Ok(out)
+        self.guarded("reading tokens", || {
+            let txn = self.db.begin_read()?;
+            let mut out = Vec::new();
+            for entry in txn.open_table(TOKENS)?.iter()? {
+                let (key, value) = entry?;
+                let token_id = key.value().to_owned();
+                let id = RecordId::Token {
+                    token_id: token_id.clone(),
+                };
+                let bytes = record::decode(&id, value.value())?.to_vec();
+                out.push((token_id, bytes));
+            }
+            Ok(out)
+        })
     }
 
     fn delete_token(&self, token_id: &str) -> Result<bool, StoreError> {
@@ -383,14 +545,18 @@ impl Store for RedbStore {
         self.write(|txn| {
             let mut meta = txn.open_table(META)?;
             let id = RecordId::Incarnation;
-            let current = match meta.get(INCARNATION_KEY)? {
-                None => 0,
-                Some(guard) => split_u64(&id, record::decode(&id, guard.value())?)?.0,
+            let stored = match meta.get(INCARNATION_KEY)? {
+                None => None,
+                Some(guard) => Some(split_u64(&id, record::decode(&id, guard.value())?)?.0),
             };
-            let next = current.checked_add(1).ok_or_else(|| StoreError::Corrupt {
-                record: RecordId::Incarnation,
-                detail: "counter is at its maximum".into(),
-            })?;
+            // A brand-new store (a first start, or a reset after damage) must not count from 1.
+            let next = match stored {
+                None => crate::random_first_incarnation(),
+                Some(current) => current.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+                    record: RecordId::Incarnation,
+                    detail: "counter is at its maximum".into(),
+                })?,
+            };
             meta.insert(
                 INCARNATION_KEY,
                 record::encode(&id, &next.to_le_bytes()).as_slice(),
