@@ -8,6 +8,7 @@
 //! Never does: I/O, clock reads, evaluation (that is `bunting-engine`), or replication.
 
 mod flagset;
+pub mod json;
 pub mod limits;
 mod problem;
 mod validate;
