@@ -59,6 +59,7 @@ pub async fn serve(
         let limits = config.limits.clone();
         let admin = config.admin_token.clone();
         let sdk = config.sdk_key.clone();
+        let metrics = config.metrics_token.clone().filter(|s| !s.is_empty());
         tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
             let incarnation = store.next_incarnation()?;
             let tokens = auth::Tokens::load(
@@ -72,6 +73,7 @@ pub async fn serve(
             if let Some(secret) = sdk.filter(|s| !s.is_empty()) {
                 tokens.bootstrap_sdk(&secret, driver::now_ms())?;
             }
+            metrics.inspect(|m| tokens.set_metrics_token(m));
             Ok((tokens, incarnation))
         })
         .await
@@ -140,7 +142,8 @@ pub async fn serve(
         None => None,
     };
     let app = http::router(state.clone());
-    axum::serve(listener, app)
+    // The client's address lets failed authentications be throttled per address.
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(async move {
             tokio::select! {
                 _ = shutdown => {}

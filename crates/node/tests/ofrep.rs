@@ -107,6 +107,7 @@ async fn single_flag_evaluation_answers_every_type_with_the_spec_shapes() {
     let metrics = node
         .http
         .get(format!("{}/metrics", node.url))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()
