@@ -597,10 +597,7 @@ pub async fn broken(
 }
 
 /// `GET /api/v1/status`
-pub async fn status(
-    State(state): State<Arc<AppState>>,
-    _caller: Caller<ReadScope>,
-) -> ApiResult {
+pub async fn status(State(state): State<Arc<AppState>>, _caller: Caller<ReadScope>) -> ApiResult {
     let sets: Vec<Value> = state
         .snapshots
         .names()

@@ -217,9 +217,7 @@ impl FailureThrottle {
         let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let result = match blocked.get(&ip) {
-            Some(until) if *until > now => {
-                Err(Refusal::Throttled(retry_after_secs(*until - now)))
-            }
+            Some(until) if *until > now => Err(Refusal::Throttled(retry_after_secs(*until - now))),
             Some(_) => {
                 blocked.remove(&ip);
                 Ok(())
@@ -538,7 +536,8 @@ impl Tokens {
 
     /// Counts a failure of a real attempt (a missing key is not a guess) and says what to answer.
     fn failed(&self, client: Option<IpAddr>, refusal: Refusal) -> Refusal {
-        let guessed = !matches!(refusal, Refusal::Unauthenticated(m) if m.starts_with("no API key"));
+        let guessed =
+            !matches!(refusal, Refusal::Unauthenticated(m) if m.starts_with("no API key"));
         match client {
             Some(ip) if guessed => self.failures.failed(ip).unwrap_or(refusal),
             _ => refusal,
@@ -581,7 +580,10 @@ impl Tokens {
             .and_then(|(expires, mac)| Some((expires.parse::<u64>().ok()?, hex::decode(mac).ok()?)))
             .filter(|(expires, mac)| {
                 *expires > now_secs
-                    && same_bytes(mac, &stream_mac(&self.stream_key.load(), flag_set, *expires))
+                    && same_bytes(
+                        mac,
+                        &stream_mac(&self.stream_key.load(), flag_set, *expires),
+                    )
             })
             .is_some();
         if valid {
@@ -610,7 +612,8 @@ impl Tokens {
                 return Ok(());
             }
         }
-        self.authorize(headers, client, Scope::Read, None).map(|_| ())
+        self.authorize(headers, client, Scope::Read, None)
+            .map(|_| ())
     }
 }
 
@@ -620,8 +623,7 @@ pub fn presented_token(headers: &HeaderMap) -> Result<Option<&str>, Refusal> {
     const PADDED: Refusal = Refusal::Unauthenticated(
         "the API key has whitespace around it: send the key alone, without spaces",
     );
-    const UNREADABLE: Refusal =
-        Refusal::Unauthenticated("the API key header is not visible ASCII");
+    const UNREADABLE: Refusal = Refusal::Unauthenticated("the API key header is not visible ASCII");
     let token = if let Some(v) = headers.get(header::AUTHORIZATION) {
         let v = v.to_str().map_err(|_| UNREADABLE)?;
         let Some((scheme, rest)) = v.split_once(' ') else {

@@ -147,7 +147,10 @@ impl NodeConfig {
         for (variable, token) in [
             ("BUNTING_ADMIN_TOKEN (--admin-token)", &self.admin_token),
             ("BUNTING_SDK_KEY (--sdk-key)", &self.sdk_key),
-            ("BUNTING_METRICS_TOKEN (--metrics-token)", &self.metrics_token),
+            (
+                "BUNTING_METRICS_TOKEN (--metrics-token)",
+                &self.metrics_token,
+            ),
         ] {
             if let Some(t) = token.as_deref().filter(|t| !t.is_empty()) {
                 crate::auth::check_bootstrap_token(variable, t)?;
@@ -193,7 +196,10 @@ mod tests {
             ..NodeConfig::default()
         };
         let err = c.check().unwrap_err();
-        assert!(err.contains("BUNTING_ADMIN_TOKEN") && err.contains("32"), "{err}");
+        assert!(
+            err.contains("BUNTING_ADMIN_TOKEN") && err.contains("32"),
+            "{err}"
+        );
         c.admin_token = Some("a".repeat(32));
         c.sdk_key = Some(format!(" {}", "b".repeat(40)));
         assert!(c.check().unwrap_err().contains("BUNTING_SDK_KEY"));
