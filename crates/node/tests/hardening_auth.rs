@@ -1,6 +1,8 @@
 //! Issue #12, findings 8 and 9: authentication comes first, secrets stay out of URLs and logs,
 //! guessing is slowed, and admin JSON is read exactly or refused.
 
+#![allow(clippy::unwrap_used)] // test fixtures: a failed setup should panic loudly
+
 mod common;
 
 use std::time::Duration;
