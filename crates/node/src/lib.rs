@@ -141,21 +141,19 @@ pub async fn serve(
         )?),
         None => None,
     };
-    let app = http::router(state.clone());
-    // The client's address lets failed authentications be throttled per address.
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        tokio::select! {
-            _ = shutdown => {}
-            Ok(()) = failed_rx => {}
-        }
-        tracing::info!("shutting down: finishing in-flight requests");
-        let _ = stop_tx.send(true);
-    })
-    .await?;
+    // The client's address (ConnectInfo) lets failed authentications be throttled per address.
+    let app =
+        http::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = shutdown => {}
+                Ok(()) = failed_rx => {}
+            }
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = stop_tx.send(true);
+        })
+        .await?;
     let task = loader
         .await
         .map_err(|e| NodeError::Config(format!("load task failed: {e}")))??;
