@@ -34,7 +34,7 @@ log_filter = "warn"
 TOML
 
 wait_url() { for _ in $(seq 1 400); do u="$(sed -n 's/^listening on //p' "$1" | head -1)"; [ -n "$u" ] && { echo "$u"; return; }; sleep 0.05; done; echo "no url in $1" >&2; exit 1; }
-admin="bench-admin-$RANDOM"
+admin="bench-admin-$(od -An -N16 -tx1 /dev/urandom | tr -d " \n")"
 BUNTING_ADMIN_TOKEN="$admin" "$target/release/bunting" serve --config "$work/node.toml" --http 127.0.0.1:0 \
   --data-dir "$work/data" --flags "$work/flags.json" > "$work/bunting.out" 2>"$work/bunting.err" &
 pids+=($!)

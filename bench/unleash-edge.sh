@@ -69,7 +69,7 @@ burst_per_token = 100000000
 [telemetry]
 log_filter = "warn"
 TOML
-admin="bench-admin-$RANDOM"
+admin="bench-admin-$(od -An -N16 -tx1 /dev/urandom | tr -d " \n")"
 BUNTING_ADMIN_TOKEN="$admin" "$target/release/bunting" serve --config "$work/node.toml" --http 127.0.0.1:0 \
   --data-dir "$work/data" --flags "$work/flags.json" > "$work/bunting.out" 2>&1 &
 pid=$!

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use bunting_e2e::{eventually, wait_all_ready, ClusterPlan};
+use bunting_e2e::{eventually, wait_all_ready, ClusterPlan, ADMIN};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,6 +75,7 @@ async fn a_flag_written_in_one_region_is_served_in_the_others() {
     let metrics = nodes[1]
         .http
         .get(format!("{}/metrics", nodes[1].url))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use bunting_e2e::{eventually, ClusterPlan, Node};
+use bunting_e2e::{eventually, ClusterPlan, Node, ADMIN};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -36,6 +36,7 @@ async fn observe(node: &Node) -> (u16, bool, String, Value, Value, Value, bool) 
     let metrics = node
         .http
         .get(format!("{}/metrics", node.url))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()

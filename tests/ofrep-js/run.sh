@@ -38,7 +38,7 @@ cat > "$work/flags.json" <<'JSON'
 }
 JSON
 
-admin="admin-$RANDOM-$RANDOM"
+admin="admin-$(od -An -N16 -tx1 /dev/urandom | tr -d " \n")"
 BUNTING_ADMIN_TOKEN="$admin" RUST_LOG=warn "$bunting" serve --http 127.0.0.1:0 --store memory \
   --data-dir "$work/data" --flags "$work/flags.json" > "$work/serve.out" &
 pid=$!

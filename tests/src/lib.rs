@@ -25,7 +25,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 /// The bootstrap admin token every test node gets.
-pub const ADMIN: &str = "e2e-admin-token";
+pub const ADMIN: &str = "e2e-admin-token-0123456789abcdef0123";
 
 /// How long a node may take to become ready on a loaded machine.
 pub const READY_WITHIN: Duration = Duration::from_secs(30);

@@ -177,8 +177,9 @@ impl FlagSet {
                 ),
             )]));
         }
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Problems(vec![Problem::new("", format!("invalid JSON: {e}"))]))?;
+        // Strict: duplicate keys and numbers that would change are refused, not silently kept.
+        let value: Value = crate::json::parse_strict(text.as_bytes())
+            .map_err(crate::json::StrictJsonError::into_problems)?;
         FlagSet::from_value(&value)
     }
 

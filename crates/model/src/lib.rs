@@ -9,6 +9,7 @@
 
 mod cost;
 mod flagset;
+pub mod json;
 pub mod limits;
 mod problem;
 mod validate;

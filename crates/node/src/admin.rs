@@ -12,31 +12,21 @@ use axum::extract::{Path, Query as QueryParams, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bunting_model::json::StrictJsonError;
 use bunting_model::limits::MAX_JSON_DEPTH;
 use bunting_model::{pointer, DefaultVariant, Flag, FlagSet, FlagState, Problem, Problems};
 use serde_json::{json, Value};
 
-use crate::auth::{Principal, Scope};
+use crate::auth::{
+    valid_set_name, AdminScope, Caller, Principal, ReadScope, Refusal, Scope, WriteScope,
+};
 use crate::driver::{
     now_ms, AdminWrite, Answer, DriverHandle, FlagPatch, Query, Refused, WriteMeta,
 };
 use crate::error::{problems_json, ApiError};
 use crate::http::AppState;
-use crate::ofrep::json_depth;
 
 type ApiResult = Result<Response, ApiError>;
-
-fn authorize(
-    state: &AppState,
-    headers: &HeaderMap,
-    scope: Scope,
-    flag_set: Option<&str>,
-) -> Result<Arc<Principal>, ApiError> {
-    state
-        .tokens
-        .authorize(headers, None, scope, flag_set)
-        .map_err(|r| r.into_api_error())
-}
 
 fn driver(state: &AppState) -> Result<&DriverHandle, ApiError> {
     state.driver.get().ok_or_else(|| {
@@ -65,29 +55,22 @@ fn json_body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Va
             ApiError::new(StatusCode::BAD_REQUEST, "bad_body", rejection.body_text())
         }
     })?;
-    let depth_error = || {
-        ApiError::new(
+    // Strict: duplicate keys and numbers that would change are refused with their pointer.
+    bunting_model::json::parse_strict(&bytes).map_err(|e| match e {
+        StrictJsonError::Syntax(m) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("request body is not valid JSON: {m}"),
+        ),
+        StrictJsonError::TooDeep(at) => ApiError::new(
             StatusCode::BAD_REQUEST,
             "too_deep",
             format!("JSON nests deeper than the limit of {MAX_JSON_DEPTH} (MAX_JSON_DEPTH)"),
         )
         .with("limit", json!(MAX_JSON_DEPTH))
-    };
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        if e.to_string().contains("recursion limit") {
-            depth_error()
-        } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                format!("request body is not valid JSON: {e}"),
-            )
-        }
-    })?;
-    if json_depth(&value) > MAX_JSON_DEPTH {
-        return Err(depth_error());
-    }
-    Ok(value)
+        .with("pointer", json!(at)),
+        StrictJsonError::Inexact(problems) => ApiError::invalid(&problems),
+    })
 }
 
 /// `If-Match: "HEAD.HEAD"` → the heads a write is based on.
@@ -198,12 +181,12 @@ fn with_heads(status: StatusCode, body: Value, heads: &[String]) -> Response {
 
 async fn write(
     state: &AppState,
+    principal: &Principal,
     headers: &HeaderMap,
     set: &str,
     w: AdminWrite,
     status: StatusCode,
 ) -> ApiResult {
-    let principal = authorize(state, headers, Scope::Write, Some(set))?;
     let key = idempotency_key(headers)?;
     // Answer before the request's own timeout, so the client learns the write is pending
     // rather than getting a bare 408 for a write that goes on.
@@ -217,7 +200,7 @@ async fn write(
             set,
             w,
             if_match(headers),
-            meta(&principal, headers),
+            meta(principal, headers),
             key,
             deadline,
         )
@@ -256,8 +239,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 }
 
 /// `GET /api/v1/flagsets`
-pub async fn list_sets(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
-    let principal = authorize(&state, &headers, Scope::Read, None)?;
+pub async fn list_sets(
+    State(state): State<Arc<AppState>>,
+    Caller(principal, _): Caller<ReadScope>,
+) -> ApiResult {
     let sets = driver(&state)?.list().await.map_err(refused)?;
     let visible: Vec<Value> = sets
         .into_iter()
@@ -270,6 +255,7 @@ pub async fn list_sets(State(state): State<Arc<AppState>>, headers: HeaderMap) -
 /// `POST /api/v1/flagsets` with `{"name": ...}`.
 pub async fn create_set(
     State(state): State<Arc<AppState>>,
+    caller: Caller<AdminScope>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
@@ -284,7 +270,12 @@ pub async fn create_set(
             "name must be 1-64 letters, digits, '-' or '_'",
         )])));
     }
-    let principal = authorize(&state, &headers, Scope::Admin, Some(name))?;
+    let principal = caller.0;
+    // The name comes from the body, so the binding is checked here (the token was checked, and
+    // charged, before the body was read).
+    principal
+        .check(Scope::Admin, Some(name))
+        .map_err(Refusal::into_api_error)?;
     let heads = driver(&state)?
         .create_flag_set(name, meta(&principal, &headers))
         .await
@@ -296,21 +287,12 @@ pub async fn create_set(
     ))
 }
 
-fn valid_set_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// `GET /api/v1/flagsets/{set}`: the whole flag set as flagd JSON.
 pub async fn download_set(
     State(state): State<Arc<AppState>>,
+    _caller: Caller<ReadScope>,
     Path(set): Path<String>,
-    headers: HeaderMap,
 ) -> ApiResult {
-    authorize(&state, &headers, Scope::Read, Some(&set))?;
     let (answer, heads) = driver(&state)?
         .read(&set, Query::Document)
         .await
@@ -324,15 +306,16 @@ pub async fn download_set(
 /// `PUT /api/v1/flagsets/{set}`: upload a whole flagd document, applied as a field-level diff.
 pub async fn upload_set(
     State(state): State<Arc<AppState>>,
+    caller: Caller<WriteScope>,
     Path(set): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    authorize(&state, &headers, Scope::Write, Some(&set))?;
     let value = json_body(&state, body)?;
     let parsed = FlagSet::from_value(&value).map_err(|p| ApiError::invalid(&p))?;
     write(
         &state,
+        &caller.0,
         &headers,
         &set,
         AdminWrite::ReplaceSet { set: parsed },
@@ -344,10 +327,9 @@ pub async fn upload_set(
 /// `GET /api/v1/flagsets/{set}/flags`: every flag with its state.
 pub async fn list_flags(
     State(state): State<Arc<AppState>>,
+    _caller: Caller<ReadScope>,
     Path(set): Path<String>,
-    headers: HeaderMap,
 ) -> ApiResult {
-    authorize(&state, &headers, Scope::Read, Some(&set))?;
     let (answer, heads) = driver(&state)?
         .read(&set, Query::Document)
         .await
@@ -377,10 +359,9 @@ pub async fn list_flags(
 /// `GET /api/v1/flagsets/{set}/flags/{key}`
 pub async fn get_flag(
     State(state): State<Arc<AppState>>,
+    _caller: Caller<ReadScope>,
     Path((set, key)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> ApiResult {
-    authorize(&state, &headers, Scope::Read, Some(&set))?;
     let (answer, heads) = driver(&state)?
         .read(&set, Query::Flag(key.clone()))
         .await
@@ -411,11 +392,11 @@ fn parse_flag(key: &str, value: &Value) -> Result<Flag, ApiError> {
 /// `POST /api/v1/flagsets/{set}/flags` with the flag and its `key`.
 pub async fn create_flag(
     State(state): State<Arc<AppState>>,
+    caller: Caller<WriteScope>,
     Path(set): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    authorize(&state, &headers, Scope::Write, Some(&set))?;
     let value = json_body(&state, body)?;
     let Some(key) = value.get("key").and_then(Value::as_str).map(str::to_owned) else {
         return Err(ApiError::invalid(&Problems(vec![Problem::new(
@@ -426,6 +407,7 @@ pub async fn create_flag(
     let flag = parse_flag(&key, &value)?;
     write(
         &state,
+        &caller.0,
         &headers,
         &set,
         AdminWrite::CreateFlag { key, flag },
@@ -437,15 +419,16 @@ pub async fn create_flag(
 /// `PUT /api/v1/flagsets/{set}/flags/{key}`: create or replace.
 pub async fn put_flag(
     State(state): State<Arc<AppState>>,
+    caller: Caller<WriteScope>,
     Path((set, key)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    authorize(&state, &headers, Scope::Write, Some(&set))?;
     let value = json_body(&state, body)?;
     let flag = parse_flag(&key, &value)?;
     write(
         &state,
+        &caller.0,
         &headers,
         &set,
         AdminWrite::PutFlag { key, flag },
@@ -518,15 +501,16 @@ fn parse_patch(key: &str, value: &Value) -> Result<FlagPatch, Problems> {
 /// `PATCH /api/v1/flagsets/{set}/flags/{key}`
 pub async fn patch_flag(
     State(state): State<Arc<AppState>>,
+    caller: Caller<WriteScope>,
     Path((set, key)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    authorize(&state, &headers, Scope::Write, Some(&set))?;
     let value = json_body(&state, body)?;
     let patch = parse_patch(&key, &value).map_err(|p| ApiError::invalid(&p))?;
     write(
         &state,
+        &caller.0,
         &headers,
         &set,
         AdminWrite::PatchFlag { key, patch },
@@ -538,11 +522,13 @@ pub async fn patch_flag(
 /// `DELETE /api/v1/flagsets/{set}/flags/{key}`
 pub async fn delete_flag(
     State(state): State<Arc<AppState>>,
+    caller: Caller<WriteScope>,
     Path((set, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
     write(
         &state,
+        &caller.0,
         &headers,
         &set,
         AdminWrite::DeleteFlag { key },
@@ -555,11 +541,11 @@ pub async fn delete_flag(
 /// one the state flips.
 pub async fn toggle_flag(
     State(state): State<Arc<AppState>>,
+    caller: Caller<WriteScope>,
     Path((set, key)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    authorize(&state, &headers, Scope::Write, Some(&set))?;
     let empty = matches!(&body, Ok(b) if b.iter().all(u8::is_ascii_whitespace));
     let target = if empty {
         None
@@ -577,6 +563,7 @@ pub async fn toggle_flag(
     };
     write(
         &state,
+        &caller.0,
         &headers,
         &set,
         AdminWrite::SetState { key, state: target },
@@ -588,31 +575,29 @@ pub async fn toggle_flag(
 /// `GET /api/v1/flagsets/{set}/history?flag=&offset=&limit=`
 pub async fn history(
     State(state): State<Arc<AppState>>,
+    _caller: Caller<ReadScope>,
     Path(set): Path<String>,
     QueryParams(params): QueryParams<HashMap<String, String>>,
-    headers: HeaderMap,
 ) -> ApiResult {
-    history_of(&state, &headers, set, params.get("flag").cloned(), &params).await
+    history_of(&state, set, params.get("flag").cloned(), &params).await
 }
 
 /// `GET /api/v1/flagsets/{set}/flags/{key}/history`
 pub async fn flag_history(
     State(state): State<Arc<AppState>>,
+    _caller: Caller<ReadScope>,
     Path((set, key)): Path<(String, String)>,
     QueryParams(params): QueryParams<HashMap<String, String>>,
-    headers: HeaderMap,
 ) -> ApiResult {
-    history_of(&state, &headers, set, Some(key), &params).await
+    history_of(&state, set, Some(key), &params).await
 }
 
 async fn history_of(
     state: &AppState,
-    headers: &HeaderMap,
     set: String,
     flag: Option<String>,
     params: &HashMap<String, String>,
 ) -> ApiResult {
-    authorize(state, headers, Scope::Read, Some(&set))?;
     let number = |name: &str| -> Result<usize, ApiError> {
         match params.get(name) {
             None => Ok(0),
@@ -651,10 +636,9 @@ async fn history_of(
 /// `GET /api/v1/flagsets/{set}/conflicts`
 pub async fn conflicts(
     State(state): State<Arc<AppState>>,
+    _caller: Caller<ReadScope>,
     Path(set): Path<String>,
-    headers: HeaderMap,
 ) -> ApiResult {
-    authorize(&state, &headers, Scope::Read, Some(&set))?;
     let (answer, heads) = driver(&state)?
         .read(&set, Query::Conflicts)
         .await
@@ -672,10 +656,9 @@ pub async fn conflicts(
 /// `GET /api/v1/flagsets/{set}/broken`: flags that evaluate to ERROR, with their problems.
 pub async fn broken(
     State(state): State<Arc<AppState>>,
+    _caller: Caller<ReadScope>,
     Path(set): Path<String>,
-    headers: HeaderMap,
 ) -> ApiResult {
-    authorize(&state, &headers, Scope::Read, Some(&set))?;
     let snapshot = state
         .snapshots
         .get(&set)
@@ -690,8 +673,7 @@ pub async fn broken(
 }
 
 /// `GET /api/v1/status`
-pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
-    authorize(&state, &headers, Scope::Read, None)?;
+pub async fn status(State(state): State<Arc<AppState>>, _caller: Caller<ReadScope>) -> ApiResult {
     let sets: Vec<Value> = state
         .snapshots
         .names()
@@ -717,8 +699,10 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> A
 }
 
 /// `GET /api/v1/tokens`
-pub async fn list_tokens(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
-    authorize(&state, &headers, Scope::Admin, None)?;
+pub async fn list_tokens(
+    State(state): State<Arc<AppState>>,
+    _caller: Caller<AdminScope>,
+) -> ApiResult {
     let tokens = state.tokens.clone();
     let records = tokio::task::spawn_blocking(move || tokens.list())
         .await
@@ -732,10 +716,9 @@ pub async fn list_tokens(State(state): State<Arc<AppState>>, headers: HeaderMap)
 /// the token itself, shown this once.
 pub async fn create_token(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _caller: Caller<AdminScope>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    authorize(&state, &headers, Scope::Admin, None)?;
     let value = json_body(&state, body)?;
     let mut problems = Vec::new();
     let name = match value.get("name").and_then(Value::as_str) {
@@ -764,7 +747,21 @@ pub async fn create_token(
     let flag_sets: Vec<String> = match value.get("flagSets") {
         None => vec![crate::auth::ALL_FLAG_SETS.into()],
         Some(v) => match serde_json::from_value::<Vec<String>>(v.clone()) {
-            Ok(s) if !s.is_empty() => s,
+            Ok(s) if !s.is_empty() => {
+                // Bindings are names like paths' ("*" alone meaning every set): no "../*", no NUL.
+                for (i, name) in s.iter().enumerate() {
+                    if name != crate::auth::ALL_FLAG_SETS && !valid_set_name(name) {
+                        problems.push(Problem::new(
+                            format!("/flagSets/{i}"),
+                            format!(
+                                "{name:?} is not a flag set name: 1-64 letters, digits, '-' or \
+                                 '_', or \"*\" for every set"
+                            ),
+                        ));
+                    }
+                }
+                s
+            }
             _ => {
                 problems.push(Problem::new(
                     "/flagSets",
@@ -793,10 +790,9 @@ pub async fn create_token(
 /// `DELETE /api/v1/tokens/{id}`
 pub async fn revoke_token(
     State(state): State<Arc<AppState>>,
+    _caller: Caller<AdminScope>,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> ApiResult {
-    authorize(&state, &headers, Scope::Admin, None)?;
     let tokens = state.tokens.clone();
     let id2 = id.clone();
     let record = tokio::task::spawn_blocking(move || tokens.revoke(&id2, now_ms()))

@@ -80,6 +80,10 @@ pub struct ServeArgs {
     /// dev` gives every node the same one, so one key works on every node.
     #[arg(long, env = "BUNTING_SDK_KEY", hide_env_values = true)]
     pub sdk_key: Option<String>,
+    /// A token that opens `/metrics` (for Prometheus); without it `/metrics` needs a token with
+    /// the read scope. At least 32 characters.
+    #[arg(long, env = "BUNTING_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
 }
 
 /// Where the admin CLI sends its requests.

@@ -27,6 +27,12 @@ async fn call(
 ) -> Result<Value, NodeError> {
     let client = reqwest::Client::new();
     let url = format!("{}{}", remote.url.trim_end_matches('/'), path);
+    if let Err(e) = reqwest::Url::parse(&url) {
+        return Err(NodeError::Client(format!(
+            "invalid URL {:?} (--url / BUNTING_URL): {e}",
+            remote.url
+        )));
+    }
     let mut request = client.request(method, &url);
     if let Some(token) = &remote.token {
         request = request.bearer_auth(token);
@@ -40,12 +46,12 @@ async fn call(
     let response = request
         .send()
         .await
-        .map_err(|e| NodeError::Client(format!("{url}: {e}")))?;
+        .map_err(|e| NodeError::Client(describe(&url, &e)))?;
     let status = response.status();
     let text = response
         .text()
         .await
-        .map_err(|e| NodeError::Client(format!("{url}: {e}")))?;
+        .map_err(|e| NodeError::Client(describe(&url, &e)))?;
     let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     if status.is_success() {
         Ok(value)
@@ -55,6 +61,45 @@ async fn call(
             serde_json::to_string_pretty(&value).unwrap_or_default()
         )))
     }
+}
+
+/// Says what failed, from the error's whole source chain ("error sending request" alone does not
+/// tell a refused connection from a DNS failure).
+fn describe(url: &str, e: &reqwest::Error) -> String {
+    let mut causes = Vec::new();
+    let mut refused = false;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            refused |= io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        let text = err.to_string();
+        if !causes.iter().any(|c: &String| c.contains(&text)) {
+            causes.push(text);
+        }
+        source = err.source();
+    }
+    let chain = causes.join(": ").to_lowercase();
+    let host = e
+        .url()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    let what = if e.is_timeout() {
+        format!("timed out waiting for {url}")
+    } else if refused {
+        format!("connection refused to {url}: is a node listening there?")
+    } else if chain.contains("dns error") || chain.contains("lookup") {
+        format!("DNS lookup failed for host {host:?} ({url})")
+    } else if chain.contains("tls") || chain.contains("certificate") || chain.contains("https") {
+        format!("TLS error talking to {url}")
+    } else if e.is_builder() {
+        format!("invalid request URL {url}")
+    } else if e.is_connect() {
+        format!("could not connect to {url}")
+    } else {
+        format!("request to {url} failed")
+    };
+    format!("{what} ({})", causes.join(": "))
 }
 
 fn print(value: &Value) {
@@ -186,4 +231,40 @@ pub async fn tokens(args: TokensArgs) -> Result<(), NodeError> {
 /// Whether a status is one the CLI reports as "not found" (exit code 2 in main).
 pub fn is_not_found(status: StatusCode) -> bool {
     status == StatusCode::NOT_FOUND
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn error_for(url: &str) -> String {
+        let remote = Remote {
+            url: url.into(),
+            token: None,
+        };
+        match call(&remote, Method::GET, "/api/v1/status", None, None).await {
+            Err(NodeError::Client(m)) => m,
+            other => panic!("expected a client error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_url_is_called_an_invalid_url() {
+        let m = error_for("127.0.0.1:8080").await;
+        assert!(m.contains("invalid URL"), "{m}");
+        let m = error_for("http://exa mple.com").await;
+        assert!(m.contains("invalid URL"), "{m}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_called_refused_with_its_url() {
+        // A port that was just free: nothing listens there now.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let m = error_for(&format!("http://127.0.0.1:{port}")).await;
+        assert!(m.contains("connection refused"), "{m}");
+        assert!(m.contains(&format!("127.0.0.1:{port}")), "{m}");
+    }
 }

@@ -43,6 +43,10 @@ pub struct NodeConfig {
     /// every node the same key.
     #[serde(skip)]
     pub sdk_key: Option<String>,
+    /// A token that opens `/metrics` (from `BUNTING_METRICS_TOKEN`); without one, `/metrics` needs
+    /// a token with the read scope, so flag names are never public by default.
+    #[serde(skip)]
+    pub metrics_token: Option<String>,
     pub limits: LimitsConfig,
     pub telemetry: TelemetryConfig,
     /// The cluster this node gossips with; alone when absent.
@@ -91,6 +95,7 @@ impl Default for NodeConfig {
             flags_file: None,
             admin_token: None,
             sdk_key: None,
+            metrics_token: None,
             limits: LimitsConfig::default(),
             telemetry: TelemetryConfig::default(),
             cluster: None,
@@ -139,6 +144,18 @@ impl NodeConfig {
         if self.region.is_empty() || self.region.len() > 64 {
             return Err("region must be 1-64 bytes".into());
         }
+        for (variable, token) in [
+            ("BUNTING_ADMIN_TOKEN (--admin-token)", &self.admin_token),
+            ("BUNTING_SDK_KEY (--sdk-key)", &self.sdk_key),
+            (
+                "BUNTING_METRICS_TOKEN (--metrics-token)",
+                &self.metrics_token,
+            ),
+        ] {
+            if let Some(t) = token.as_deref().filter(|t| !t.is_empty()) {
+                crate::auth::check_bootstrap_token(variable, t)?;
+            }
+        }
         if self.limits.requests_per_second_per_token == 0 || self.limits.burst_per_token == 0 {
             return Err(
                 "limits.requests_per_second_per_token and burst_per_token must be > 0".into(),
@@ -170,5 +187,23 @@ mod tests {
         assert_eq!(c.limits.burst_per_token, 5);
         let err = NodeConfig::from_toml("regoin = \"eu\"").unwrap_err();
         assert!(err.contains("regoin"), "{err}");
+    }
+
+    #[test]
+    fn a_short_bootstrap_token_is_refused_naming_its_variable() {
+        let mut c = NodeConfig {
+            admin_token: Some("x".into()),
+            ..NodeConfig::default()
+        };
+        let err = c.check().unwrap_err();
+        assert!(
+            err.contains("BUNTING_ADMIN_TOKEN") && err.contains("32"),
+            "{err}"
+        );
+        c.admin_token = Some("a".repeat(32));
+        c.sdk_key = Some(format!(" {}", "b".repeat(40)));
+        assert!(c.check().unwrap_err().contains("BUNTING_SDK_KEY"));
+        c.sdk_key = None;
+        assert!(c.check().is_ok());
     }
 }

@@ -114,13 +114,16 @@ pub async fn run(args: DevArgs) -> Result<(), NodeError> {
 fn secret(data_dir: &Path, env: &str, file: &str, prefix: &str) -> Result<String, NodeError> {
     if let Ok(t) = std::env::var(env) {
         if !t.is_empty() {
+            // Every node would refuse it at start; say so once, here.
+            crate::auth::check_bootstrap_token(env, &t).map_err(config_error)?;
             return Ok(t);
         }
     }
     let path = data_dir.join(file);
     if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_owned();
-        if !t.is_empty() {
+        // A short token kept from before the length rule is replaced by a new one.
+        if crate::auth::check_bootstrap_token(env, &t).is_ok() {
             return Ok(t);
         }
     }

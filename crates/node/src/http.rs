@@ -25,7 +25,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
 use crate::admin;
-use crate::auth::{Scope, Tokens};
+use crate::auth::{ClientIp, MetricsReader, Tokens};
 use crate::config::LimitsConfig;
 use crate::driver::{DriverHandle, Identity};
 use crate::error::ApiError;
@@ -198,7 +198,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>, _reader: MetricsReader) -> Response {
     let mut text = String::new();
     if prometheus_client::encoding::text::encode_registry(&mut text, &state.metrics.registry)
         .is_err()
@@ -219,21 +219,24 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// `GET /api/v1/flagsets/{set}/stream`: Server-Sent Events, one `refetchEvaluation` message per
-/// change of the flag set (OFREP ADR 0008). The key may come as `?apiKey=` because a browser's
-/// EventSource cannot set headers.
+/// change of the flag set (OFREP ADR 0008). Opened with a key in a header, or with the short-lived
+/// `?streamToken=` credential from the bulk evaluation's `eventStreams` (a browser's EventSource
+/// cannot set headers; a real key never goes in a URL).
 async fn stream(
     State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
     Path(set): Path<String>,
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     state
         .tokens
-        .authorize(
+        .authorize_stream(
             &headers,
-            params.get("apiKey").map(String::as_str),
-            Scope::Evaluate,
-            Some(&set),
+            params.get("streamToken").map(String::as_str),
+            client,
+            &set,
+            crate::driver::now_ms() / 1000,
         )
         .map_err(|r| r.into_api_error())?;
     if state.snapshots.get(&set).is_none() {

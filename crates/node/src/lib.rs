@@ -71,6 +71,7 @@ pub async fn serve_with_store(
         let limits = config.limits.clone();
         let admin = config.admin_token.clone();
         let sdk = config.sdk_key.clone();
+        let metrics = config.metrics_token.clone().filter(|s| !s.is_empty());
         tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
             let incarnation = store.next_incarnation()?;
             let tokens = auth::Tokens::load(
@@ -84,6 +85,7 @@ pub async fn serve_with_store(
             if let Some(secret) = sdk.filter(|s| !s.is_empty()) {
                 tokens.bootstrap_sdk(&secret, driver::now_ms())?;
             }
+            metrics.inspect(|m| tokens.set_metrics_token(m));
             Ok((tokens, incarnation))
         })
         .await
@@ -151,7 +153,9 @@ pub async fn serve_with_store(
         )?),
         None => None,
     };
-    let app = http::router(state.clone());
+    // The client's address (ConnectInfo) lets failed authentications be throttled per address.
+    let app =
+        http::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             tokio::select! {

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bunting_engine::{ErrorCode, EvaluationContext, Resolution};
@@ -18,7 +19,7 @@ use bunting_model::limits::MAX_JSON_DEPTH;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::auth::{Refusal, Scope};
+use crate::auth::{client_ip, valid_set_name, Principal, Refusal, Scope};
 use crate::error::ApiError;
 use crate::http::AppState;
 use crate::snapshot::Snapshot;
@@ -49,12 +50,85 @@ fn refusal(r: Refusal) -> ApiError {
             e.retry_after = Some(secs);
             e
         }
+        Refusal::Throttled(secs) => {
+            let mut e = failure(
+                StatusCode::TOO_MANY_REQUESTS,
+                None,
+                format!("too many failed authentications from this address; retry after {secs} s"),
+            );
+            e.retry_after = Some(secs);
+            e
+        }
+    }
+}
+
+/// An OFREP caller and the flag set it evaluates, found from the headers alone: the key is
+/// checked (and charged once) before the body is read.
+pub struct Evaluator {
+    principal: Arc<Principal>,
+    snapshot: Arc<Snapshot>,
+}
+
+impl FromRequestParts<Arc<AppState>> for Evaluator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        if !state.is_ready() {
+            return Err(failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                "the node is still loading its flag sets",
+            ));
+        }
+        let principal = state
+            .tokens
+            .authorize(&parts.headers, client_ip(parts), Scope::Evaluate, None)
+            .map_err(refusal)?;
+        let requested = match parts.headers.get("x-flag-set") {
+            None => None,
+            Some(v) => match v.to_str() {
+                Ok(name) if valid_set_name(name) => Some(name),
+                _ => {
+                    return Err(failure(
+                        StatusCode::BAD_REQUEST,
+                        None,
+                        "X-Flag-Set must be a flag set name: 1-64 letters, digits, '-' or '_'",
+                    ))
+                }
+            },
+        };
+        let set = principal.evaluation_flag_set(requested);
+        if !principal.may_use(set) {
+            return Err(failure(
+                StatusCode::FORBIDDEN,
+                None,
+                format!(
+                    "token {} is not bound to flag set {set:?}",
+                    principal.token_id
+                ),
+            ));
+        }
+        let snapshot = state.snapshots.get(set).ok_or_else(|| {
+            failure(
+                StatusCode::NOT_FOUND,
+                None,
+                format!("flag set {set:?} does not exist"),
+            )
+        })?;
+        Ok(Evaluator {
+            principal,
+            snapshot,
+        })
     }
 }
 
 /// What every OFREP request needs before evaluating: the caller's flag set and the context.
 struct Prepared {
     snapshot: Arc<Snapshot>,
+    principal: Arc<Principal>,
     context: EvaluationContext,
     /// The raw body, which identifies the context for the bulk ETag.
     body: Bytes,
@@ -62,33 +136,10 @@ struct Prepared {
 
 fn prepare(
     state: &AppState,
-    headers: &HeaderMap,
+    evaluator: Evaluator,
     body: Result<Bytes, BytesRejection>,
     flag_key: Option<&str>,
 ) -> Result<Prepared, ApiError> {
-    if !state.is_ready() {
-        return Err(failure(
-            StatusCode::SERVICE_UNAVAILABLE,
-            None,
-            "the node is still loading its flag sets",
-        ));
-    }
-    let principal = state
-        .tokens
-        .authorize(headers, None, Scope::Evaluate, None)
-        .map_err(refusal)?;
-    let requested = headers.get("x-flag-set").and_then(|v| v.to_str().ok());
-    let set = principal.evaluation_flag_set(requested);
-    if !principal.may_use(set) {
-        return Err(failure(
-            StatusCode::FORBIDDEN,
-            None,
-            format!(
-                "token {} is not bound to flag set {set:?}",
-                principal.token_id
-            ),
-        ));
-    }
     let body = body.map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -105,15 +156,9 @@ fn prepare(
         }
     })?;
     let context = parse_context(&body, flag_key)?;
-    let snapshot = state.snapshots.get(set).ok_or_else(|| {
-        failure(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            None,
-            format!("flag set {set:?}, which this key is bound to, is not on this node"),
-        )
-    })?;
     Ok(Prepared {
-        snapshot,
+        snapshot: evaluator.snapshot,
+        principal: evaluator.principal,
         context,
         body,
     })
@@ -288,11 +333,11 @@ fn trace_evaluation(flag_set: &str, key: &str, r: &Resolution) {
 /// `POST /ofrep/v1/evaluate/flags/{key}`.
 pub async fn evaluate_flag(
     State(state): State<Arc<AppState>>,
+    evaluator: Evaluator,
     Path(key): Path<String>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let prepared = match prepare(&state, &headers, body, Some(&key)) {
+    let prepared = match prepare(&state, evaluator, body, Some(&key)) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -315,10 +360,11 @@ pub async fn evaluate_flag(
 /// version and the context, so `If-None-Match` gives 304 exactly when the answer is unchanged.
 pub async fn evaluate_all(
     State(state): State<Arc<AppState>>,
+    evaluator: Evaluator,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let prepared = match prepare(&state, &headers, body, None) {
+    let prepared = match prepare(&state, evaluator, body, None) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -358,8 +404,14 @@ pub async fn evaluate_all(
     }
     out.extend_from_slice(b"],\"metadata\":");
     write_metadata(&mut out, snapshot.compiled.metadata(), stale);
-    let key = crate::auth::presented_token(&headers).unwrap_or_default();
-    let stream = event_stream_uri(&snapshot.name, key);
+    // Never the caller's key in a URL: an SDK key gets a short-lived credential that opens this
+    // stream only; any other token gets the bare URL and sends its key in a header.
+    let credential = prepared.principal.evaluates_only().then(|| {
+        state
+            .tokens
+            .stream_credential(&snapshot.name, crate::driver::now_ms() / 1000)
+    });
+    let stream = event_stream_uri(&snapshot.name, credential.as_deref());
     out.extend_from_slice(b",\"eventStreams\":");
     let _ = serde_json::to_writer(
         &mut out,
@@ -375,14 +427,14 @@ pub async fn evaluate_all(
     r
 }
 
-/// The change stream of a flag set, carrying the caller's key as a query parameter because a
-/// browser's EventSource cannot send headers (ADR 0008 treats this URL as sensitive).
-fn event_stream_uri(flag_set: &str, key: &str) -> String {
-    format!(
-        "/api/v1/flagsets/{}/stream?apiKey={}",
-        percent_encode(flag_set),
-        percent_encode(key)
-    )
+/// The change stream of a flag set, with a stream credential as a query parameter when given
+/// (a browser's EventSource cannot send headers).
+fn event_stream_uri(flag_set: &str, credential: Option<&str>) -> String {
+    let path = format!("/api/v1/flagsets/{}/stream", percent_encode(flag_set));
+    match credential {
+        Some(c) => format!("{path}?streamToken={}", percent_encode(c)),
+        None => path,
+    }
 }
 
 fn percent_encode(s: &str) -> String {

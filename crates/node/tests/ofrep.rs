@@ -107,6 +107,7 @@ async fn single_flag_evaluation_answers_every_type_with_the_spec_shapes() {
     let metrics = node
         .http
         .get(format!("{}/metrics", node.url))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()
@@ -195,7 +196,7 @@ async fn bad_requests_get_400_with_error_codes_and_auth_failures_401_403() {
         )
         .await;
     assert_eq!(s, 403, "a write token is not an SDK key");
-    // A key bound to a flag set this node does not hold: 500 with errorDetails.
+    // A key bound to a flag set this node does not hold: 404 with errorDetails (issue #12).
     let (s, b) = node
         .call(
             Method::POST,
@@ -204,7 +205,7 @@ async fn bad_requests_get_400_with_error_codes_and_auth_failures_401_403() {
             Some(json!({"context": {}})),
         )
         .await;
-    assert_eq!(s, 500);
+    assert_eq!(s, 404);
     assert!(b["errorDetails"].as_str().unwrap().contains("staging"));
     // Admin tokens evaluate too, and may name the flag set.
     let (s, _) = node

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub const ADMIN: &str = "admin-secret-for-tests";
+pub const ADMIN: &str = "admin-secret-for-tests-0123456789abcdef";
 
 /// The flags every end-to-end test starts from: one flag of each type, targeting, a disabled one.
 pub const FLAGS: &str = r##"{
