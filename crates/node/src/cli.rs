@@ -84,6 +84,29 @@ pub struct ServeArgs {
     /// the read scope. At least 32 characters.
     #[arg(long, env = "BUNTING_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+    /// Most TCP connections open at once (overrides `[limits] max_connections`; kept below 90 %
+    /// of the open-file limit).
+    #[arg(long, env = "BUNTING_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most connections open at once from one client address (`[limits]
+    /// max_connections_per_address`).
+    #[arg(long, env = "BUNTING_MAX_CONNECTIONS_PER_ADDRESS")]
+    pub max_connections_per_address: Option<usize>,
+    /// Milliseconds a client has to send a request's head (`[limits] header_read_timeout_ms`).
+    #[arg(long, env = "BUNTING_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// Milliseconds an idle keep-alive connection stays open (`[limits] idle_timeout_ms`).
+    #[arg(long, env = "BUNTING_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Most OFREP and admin requests handled at once (`[limits] max_in_flight_requests`).
+    #[arg(long, env = "BUNTING_MAX_IN_FLIGHT_REQUESTS")]
+    pub max_in_flight_requests: Option<usize>,
+    /// Most requests waiting for a slot before 503 (`[limits] max_queued_requests`).
+    #[arg(long, env = "BUNTING_MAX_QUEUED_REQUESTS")]
+    pub max_queued_requests: Option<usize>,
+    /// Milliseconds a request may wait for a slot before 503 (`[limits] max_queue_wait_ms`).
+    #[arg(long, env = "BUNTING_MAX_QUEUE_WAIT_MS")]
+    pub max_queue_wait_ms: Option<u64>,
 }
 
 /// Where the admin CLI sends its requests.
@@ -200,11 +223,17 @@ mod tests {
             "127.0.0.1:0",
             "--store",
             "memory",
+            "--idle-timeout-ms",
+            "5000",
+            "--max-connections-per-address",
+            "64",
         ]);
         match cli.command {
             Command::Serve(a) => {
                 assert_eq!(a.http.unwrap().port(), 0);
                 assert_eq!(a.store, Some(StoreBackend::Memory));
+                assert_eq!(a.idle_timeout_ms, Some(5000));
+                assert_eq!(a.max_connections_per_address, Some(64));
             }
             _ => panic!("expected serve"),
         }

@@ -67,6 +67,28 @@ pub struct LimitsConfig {
     pub burst_per_token: u32,
     /// Longest time a request (other than an event stream) may take before it gets a 408.
     pub request_timeout_ms: u64,
+    /// Most TCP connections open at once. At start the open-file limit (RLIMIT_NOFILE) is raised
+    /// to its hard limit and this is lowered to 90 % of it, so the node never runs out of
+    /// descriptors; a connection beyond it is closed at once.
+    pub max_connections: usize,
+    /// Most connections open at once from one client address (an IPv6 client: its /64); beyond
+    /// it a connection is closed at once, so one client cannot fill the node. Lowered to half of
+    /// `max_connections` when above it.
+    pub max_connections_per_address: usize,
+    /// A request's head (request line and headers) must arrive within this many milliseconds of
+    /// its first byte; a new connection must send its first head within this of being accepted.
+    /// The connection is closed otherwise (silent and trickling clients).
+    pub header_read_timeout_ms: u64,
+    /// A keep-alive connection that sends nothing for this many milliseconds after its last
+    /// response is closed.
+    pub idle_timeout_ms: u64,
+    /// Most requests handled at once (OFREP and the admin API; health, readiness, metrics and
+    /// event streams are exempt). More wait for a slot.
+    pub max_in_flight_requests: usize,
+    /// Most requests waiting for a slot; one more gets 503 with Retry-After at once.
+    pub max_queued_requests: usize,
+    /// Longest a request waits for a slot, in milliseconds, before it gets 503 with Retry-After.
+    pub max_queue_wait_ms: u64,
 }
 
 /// Where traces and metrics are exported.
@@ -111,6 +133,13 @@ impl Default for LimitsConfig {
             requests_per_second_per_token: 50_000,
             burst_per_token: 100_000,
             request_timeout_ms: 10_000,
+            max_connections: 16_384,
+            max_connections_per_address: 1_024,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_in_flight_requests: 512,
+            max_queued_requests: 4_096,
+            max_queue_wait_ms: 1_000,
         }
     }
 }
@@ -161,6 +190,22 @@ impl NodeConfig {
                 "limits.requests_per_second_per_token and burst_per_token must be > 0".into(),
             );
         }
+        let l = &self.limits;
+        for (name, value) in [
+            ("max_connections", l.max_connections as u64),
+            (
+                "max_connections_per_address",
+                l.max_connections_per_address as u64,
+            ),
+            ("header_read_timeout_ms", l.header_read_timeout_ms),
+            ("idle_timeout_ms", l.idle_timeout_ms),
+            ("max_in_flight_requests", l.max_in_flight_requests as u64),
+            ("max_queue_wait_ms", l.max_queue_wait_ms),
+        ] {
+            if value == 0 {
+                return Err(format!("limits.{name} must be > 0"));
+            }
+        }
         Ok(())
     }
 }
@@ -205,5 +250,29 @@ mod tests {
         assert!(c.check().unwrap_err().contains("BUNTING_SDK_KEY"));
         c.sdk_key = None;
         assert!(c.check().is_ok());
+    }
+
+    #[test]
+    fn connection_limits_come_from_the_file_and_zero_is_refused() {
+        let c = NodeConfig::from_toml(
+            "[limits]\nmax_connections = 100\nmax_connections_per_address = 10\nheader_read_timeout_ms = 500\nidle_timeout_ms = 700\nmax_in_flight_requests = 8\nmax_queued_requests = 0\nmax_queue_wait_ms = 20\n",
+        )
+        .unwrap();
+        let l = &c.limits;
+        assert_eq!(
+            (l.max_connections, l.max_connections_per_address),
+            (100, 10)
+        );
+        assert_eq!((l.header_read_timeout_ms, l.idle_timeout_ms), (500, 700));
+        assert_eq!(
+            (
+                l.max_in_flight_requests,
+                l.max_queued_requests,
+                l.max_queue_wait_ms
+            ),
+            (8, 0, 20)
+        );
+        let err = NodeConfig::from_toml("[limits]\nidle_timeout_ms = 0\n").unwrap_err();
+        assert!(err.contains("idle_timeout_ms"), "{err}");
     }
 }

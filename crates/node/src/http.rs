@@ -2,9 +2,9 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -12,7 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use futures_util::StreamExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -20,7 +20,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
@@ -198,7 +198,11 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>, _reader: MetricsReader) -> Response {
+async fn metrics(
+    State(state): State<Arc<AppState>>,
+    _reader: MetricsReader,
+    connections: Option<Extension<Arc<crate::listener::ConnectionStats>>>,
+) -> Response {
     let mut text = String::new();
     if prometheus_client::encoding::text::encode_registry(&mut text, &state.metrics.registry)
         .is_err()
@@ -206,6 +210,9 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: MetricsReader) -> 
         return ApiError::internal("metrics could not be encoded").into_response();
     }
     state.snapshots.counters().render(&mut text);
+    if let Some(Extension(connections)) = connections {
+        connections.render(&mut text);
+    }
     if let Some(gossip) = &state.gossip {
         gossip.render_metrics(&mut text, crate::driver::now_ms());
     }
@@ -295,8 +302,87 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     .into_response()
 }
 
+/// Admission control for OFREP and the admin API: at most `max_in_flight_requests` are handled at
+/// once; others wait in a first-come queue of at most `max_queued_requests` for at most
+/// `max_queue_wait_ms`, and beyond either bound get 503 with Retry-After at once (issue #12, item
+/// 10): a spike is shed early instead of every request's latency growing. Health, readiness,
+/// metrics and event streams never wait here.
+pub struct Admission {
+    slots: Semaphore,
+    queued: AtomicUsize,
+    max_queued: usize,
+    max_wait: Duration,
+}
+
+impl Admission {
+    pub fn new(limits: &LimitsConfig) -> Admission {
+        Admission {
+            slots: Semaphore::new(
+                limits
+                    .max_in_flight_requests
+                    .clamp(1, Semaphore::MAX_PERMITS),
+            ),
+            queued: AtomicUsize::new(0),
+            max_queued: limits.max_queued_requests,
+            max_wait: Duration::from_millis(limits.max_queue_wait_ms.max(1)),
+        }
+    }
+}
+
+/// One place in the admission queue; given back when dropped (also when the client leaves).
+struct Queued<'a>(&'a AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The 503 a shed request gets: fixed bytes, no serialisation, so shedding stays cheap. It carries
+/// both the admin API's and OFREP's error members.
+fn overloaded() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [
+            (header::RETRY_AFTER, HeaderValue::from_static("1")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+        ],
+        "{\"error\":\"overloaded\",\"message\":\"the node is at capacity; retry after 1 s\",\
+         \"errorCode\":\"GENERAL\",\"errorDetails\":\"the node is at capacity; retry after 1 s\"}",
+    )
+        .into_response()
+}
+
+async fn admit(State(admission): State<Arc<Admission>>, request: Request, next: Next) -> Response {
+    let permit = match admission.slots.try_acquire() {
+        Ok(permit) => permit,
+        Err(_) => {
+            if admission.queued.fetch_add(1, Ordering::AcqRel) >= admission.max_queued {
+                admission.queued.fetch_sub(1, Ordering::AcqRel);
+                return overloaded();
+            }
+            let _queued = Queued(&admission.queued);
+            match tokio::time::timeout(admission.max_wait, admission.slots.acquire()).await {
+                Ok(Ok(permit)) => permit,
+                _ => return overloaded(),
+            }
+        }
+    };
+    let response = next.run(request).await;
+    drop(permit);
+    response
+}
+
 /// Every route of the node.
 pub fn router(state: Arc<AppState>) -> Router {
+    let admission = Arc::new(Admission::new(&state.limits));
+    router_with(state, admission)
+}
+
+fn router_with(state: Arc<AppState>, admission: Arc<Admission>) -> Router {
     let limits = &state.limits;
     let evaluation = Router::new()
         .route("/ofrep/v1/evaluate/flags", post(ofrep::evaluate_all))
@@ -349,6 +435,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     evaluation
         .merge(api)
         .layer(timeout)
+        .layer(middleware::from_fn_with_state(admission, admit))
         .route("/api/v1/flagsets/{set}/stream", get(stream))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -417,5 +504,87 @@ mod tests {
         );
         state.ready.store(true, Ordering::Release);
         assert_eq!(status(router(state), "GET", "/readyz").await, 200);
+    }
+
+    /// A router whose one route holds its admission slot until `release` is notified.
+    fn held_router(admission: Arc<Admission>, release: Arc<tokio::sync::Notify>) -> Router {
+        Router::new()
+            .route(
+                "/held",
+                get(move || {
+                    let release = release.clone();
+                    async move {
+                        release.notified().await;
+                        "done"
+                    }
+                }),
+            )
+            .layer(middleware::from_fn_with_state(admission, admit))
+    }
+
+    async fn get_status(app: Router) -> (u16, Option<String>) {
+        let request = HttpRequest::builder()
+            .uri("/held")
+            .body(Body::empty())
+            .unwrap();
+        let r = app.oneshot(request).await.unwrap();
+        let retry = r
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        (r.status().as_u16(), retry)
+    }
+
+    #[tokio::test]
+    async fn requests_past_the_admission_slots_and_queue_are_shed_with_retry_after() {
+        let limits = LimitsConfig {
+            max_in_flight_requests: 1,
+            max_queued_requests: 1,
+            max_queue_wait_ms: 50,
+            ..LimitsConfig::default()
+        };
+        let admission = Arc::new(Admission::new(&limits));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let app = held_router(admission.clone(), release.clone());
+        let first = tokio::spawn(get_status(app.clone()));
+        while admission.slots.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        // The one queue place: waits its 50 ms, then is shed (the slot is never given back).
+        let queued = tokio::spawn(get_status(app.clone()));
+        while admission.queued.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // No queue place left: shed at once.
+        assert_eq!(get_status(app.clone()).await, (503, Some("1".into())));
+        assert_eq!(queued.await.unwrap(), (503, Some("1".into())));
+        assert_eq!(admission.queued.load(Ordering::Acquire), 0);
+        release.notify_one();
+        assert_eq!(first.await.unwrap().0, 200);
+        // The slot is back.
+        release.notify_one();
+        assert_eq!(get_status(app).await.0, 200);
+    }
+
+    #[tokio::test]
+    async fn health_is_answered_while_every_admission_slot_is_taken() {
+        let state = loading_state();
+        state.ready.store(true, Ordering::Release);
+        let limits = LimitsConfig {
+            max_in_flight_requests: 1,
+            max_queued_requests: 0,
+            ..LimitsConfig::default()
+        };
+        let admission = Arc::new(Admission::new(&limits));
+        let _taken = admission.slots.try_acquire().unwrap();
+        let app = router_with(state, admission.clone());
+        assert_eq!(
+            status(app.clone(), "POST", "/ofrep/v1/evaluate/flags/x").await,
+            503
+        );
+        assert_eq!(status(app.clone(), "GET", "/api/v1/flagsets").await, 503);
+        assert_eq!(status(app.clone(), "GET", "/healthz").await, 200);
+        assert_eq!(status(app.clone(), "GET", "/readyz").await, 200);
+        assert_eq!(status(app, "GET", "/metrics").await, 200);
     }
 }

@@ -22,6 +22,7 @@ mod error;
 pub mod gossip_link;
 pub mod http;
 pub mod idempotency;
+pub mod listener;
 pub mod ofrep;
 pub mod snapshot;
 pub mod telemetry;
@@ -153,19 +154,28 @@ pub async fn serve_with_store(
         )?),
         None => None,
     };
-    // The client's address (ConnectInfo) lets failed authentications be throttled per address.
-    let app =
-        http::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    let app = http::router(state.clone());
+    let connection_limits = listener::ConnectionLimits::from_config(&config.limits);
+    tracing::info!(
+        max_connections = connection_limits.max_connections,
+        max_connections_per_address = connection_limits.max_per_address,
+        "connection limits"
+    );
+    listener::serve(
+        listener,
+        app,
+        connection_limits,
+        Arc::new(listener::ConnectionStats::default()),
+        async move {
             tokio::select! {
                 _ = shutdown => {}
                 Ok(()) = failed_rx => {}
             }
             tracing::info!("shutting down: finishing in-flight requests");
             let _ = stop_tx.send(true);
-        })
-        .await?;
+        },
+    )
+    .await;
     let task = loader
         .await
         .map_err(|e| NodeError::Config(format!("load task failed: {e}")))??;

@@ -69,6 +69,35 @@ fn config_from(args: ServeArgs) -> Result<NodeConfig, NodeError> {
     if let Some(v) = args.otlp_endpoint {
         config.telemetry.otlp_endpoint = Some(v);
     }
+    let limits = &mut config.limits;
+    for (value, field) in [
+        (args.max_connections, &mut limits.max_connections),
+        (
+            args.max_connections_per_address,
+            &mut limits.max_connections_per_address,
+        ),
+        (
+            args.max_in_flight_requests,
+            &mut limits.max_in_flight_requests,
+        ),
+        (args.max_queued_requests, &mut limits.max_queued_requests),
+    ] {
+        if let Some(v) = value {
+            *field = v;
+        }
+    }
+    for (value, field) in [
+        (
+            args.header_read_timeout_ms,
+            &mut limits.header_read_timeout_ms,
+        ),
+        (args.idle_timeout_ms, &mut limits.idle_timeout_ms),
+        (args.max_queue_wait_ms, &mut limits.max_queue_wait_ms),
+    ] {
+        if let Some(v) = value {
+            *field = v;
+        }
+    }
     config.admin_token = args.admin_token;
     config.sdk_key = args.sdk_key;
     config.metrics_token = args.metrics_token;

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The 10x spike (issue #12, item 10) on one node, everything on 127.0.0.1:
+#   1. the single-flag OFREP run of bench/ofrep.sh against the bare axum handler (the hot path must
+#      stay >= 0.85x bare with the connection and admission layers in place);
+#   2. Bunting's peak at the benchmark's 32 connections, then 320 (10x) and 2,000 connections;
+#      during each, /healthz is probed on a fresh connection every 100 ms with curl.
+# Reports each load's 2xx rate as a ratio to the peak, the shed fraction (non-2xx: 503 with
+# Retry-After) and the /healthz latency (p50 / p99 / max). Goals: ratio >= 0.9, /healthz <= 10 ms.
+# Env: DURATION (10s), THREADS (1). Installs wrk from Debian when missing.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+DURATION="${DURATION:-10s}"; THREADS="${THREADS:-1}"
+if ! command -v wrk >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+  else sudo apt-get install -y wrk; fi
+fi
+# wrk holds up to 2,000 sockets and the node as many.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+work="$(mktemp -d)"; pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+cargo build --quiet --release --locked -p bunting-node --bin bunting --example bare_ofrep --manifest-path "$root/Cargo.toml"
+target="$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+
+python3 "$root/bench/flags50.py" flagd > "$work/flags.json"
+# The bench client is one address: its per-address cap must admit 2,000 connections.
+cat > "$work/node.toml" <<'TOML'
+node_id = "bench-1"
+region = "local"
+store = "memory"
+[limits]
+requests_per_second_per_token = 100000000
+burst_per_token = 100000000
+max_connections_per_address = 4096
+[telemetry]
+log_filter = "warn"
+TOML
+
+wait_url() { for _ in $(seq 1 400); do u="$(sed -n 's/^listening on //p' "$1" | head -1)"; [ -n "$u" ] && { echo "$u"; return; }; sleep 0.05; done; echo "no url in $1" >&2; exit 1; }
+admin="bench-admin-$RANDOM$RANDOM$RANDOM$RANDOM"
+BUNTING_ADMIN_TOKEN="$admin" "$target/release/bunting" serve --config "$work/node.toml" --http 127.0.0.1:0 \
+  --data-dir "$work/data" --flags "$work/flags.json" > "$work/bunting.out" 2>"$work/bunting.err" &
+pids+=($!)
+"$target/release/examples/bare_ofrep" > "$work/bare.out" &
+pids+=($!)
+node_url="$(wait_url "$work/bunting.out")"; bare_url="$(wait_url "$work/bare.out")"
+for _ in $(seq 1 200); do curl -fs "$node_url/readyz" >/dev/null && break; sleep 0.05; done
+key="$(curl -fsS -X POST "$node_url/api/v1/tokens" -H "Authorization: Bearer $admin" -H 'content-type: application/json' \
+  -d '{"name":"bench","scopes":["evaluate"],"flagSets":["default"]}' | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')"
+export KEY="$key"
+export BODY='{"context":{"targetingKey":"user-123","email":"ann@example.com","plan":"pro","country":"NZ"}}'
+path=/ofrep/v1/evaluate/flags/flag-35
+curl -fsS -X POST "$node_url$path" -H "Authorization: Bearer $key" -H 'content-type: application/json' -d "$BODY" >/dev/null
+
+# /healthz on a fresh connection every 100 ms until the file $1.stop exists; seconds, one a line.
+probe() { while [ ! -e "$1.stop" ]; do curl -s -o /dev/null -w '%{http_code} %{time_total}\n' --max-time 5 "$node_url/healthz" >> "$1" || echo "000 5" >> "$1"; sleep 0.1; done; }
+# p50 / p99 / max in ms of a probe file, and how many probes were not 200.
+summary() { awk '{ if ($1 != 200) bad++; print $2 * 1000 }' "$1" | sort -n | awk -v f="$1" '
+  { v[NR] = $1 } END { if (NR == 0) { print "no probes"; exit }
+    i50 = int(NR * 0.5); if (i50 < 1) i50 = 1; i99 = int(NR * 0.99 + 0.999); if (i99 > NR) i99 = NR
+    printf "healthz p50 %.1f ms, p99 %.1f ms, max %.1f ms over %d probes", v[i50], v[i99], v[NR], NR }'
+  printf ", %d not 200\n" "$(awk '$1 != 200' "$1" | wc -l)"; }
+
+run() { # name url conns
+  local name="$1" url="$2" c="$3" line
+  rm -f "$work/$name.probe" "$work/$name.probe.stop"; probe "$work/$name.probe" & local pp=$!
+  line="$(wrk -t"$THREADS" -c"$c" -d"$DURATION" -s "$root/bench/wrk-overload.lua" "$url$path" | grep '^RESULT')"
+  touch "$work/$name.probe.stop"; wait "$pp" || true
+  printf '%-22s c=%-5s %s\n' "$name" "$c" "${line#RESULT }"
+  printf '%-22s %s\n' "" "$(summary "$work/$name.probe")"
+  echo "$line" > "$work/$name.result"
+}
+field() { sed -n "s/.* $2=\([0-9.]*\).*/\1/p" "$work/$1.result"; }
+echo "wrk -t$THREADS -d$DURATION, $(nproc) cores shared by wrk and the servers; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+run bare-single "$bare_url" 32
+run bunting-peak "$node_url" 32
+run bunting-10x "$node_url" 320
+run bunting-2000 "$node_url" 2000
+peak="$(field bunting-peak ok_rps)"
+echo "single-flag: bunting / bare axum = $(awk -v a="$peak" -v b="$(field bare-single ok_rps)" 'BEGIN { printf "%.2f", a / b }')x (goal >= 0.85)"
+for n in bunting-10x bunting-2000; do
+  awk -v n="$n" -v ok="$(field "$n" ok_rps)" -v p="$peak" -v shed="$(field "$n" non2xx)" -v all="$(field "$n" requests)" \
+    'BEGIN { printf "%-13s 2xx rate / peak = %.2fx (goal >= 0.9), shed (non-2xx) %.2f%% of %d\n", n, ok / p, all > 0 ? 100 * shed / all : 0, all }'
+done
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
