@@ -800,8 +800,7 @@ impl Replica {
         let name = frame.flag_set.to_owned();
         match frame.kind {
             FrameKind::Sync => {
-                let message = sync::Message::decode(frame.payload)
-                    .map_err(|e| Error::Protocol(format!("sync message: {e}")))?;
+                let message = untrusted("sync message", || sync::Message::decode(frame.payload))?;
                 check_message(&message)?;
                 self.ensure_set(&name)
                     .map_err(|e| Error::Protocol(e.to_string()))?;
@@ -1402,8 +1401,7 @@ fn parse_changes(mut rest: &[u8]) -> Result<Vec<automerge::Change>, Error> {
         rest = tail;
         match chunk_type {
             CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => {
-                let change = automerge::Change::try_from(chunk)
-                    .map_err(|e| Error::Protocol(format!("change chunk: {e}")))?;
+                let change = untrusted("change chunk", || automerge::Change::try_from(chunk))?;
                 out.push(change);
             }
             other => {
@@ -1414,6 +1412,23 @@ fn parse_changes(mut rest: &[u8]) -> Result<Vec<automerge::Change>, Error> {
         }
     }
     Ok(out)
+}
+
+/// Decodes bytes from a peer with Automerge. automerge 0.12 panics on some malformed input
+/// instead of returning an error (an op id counter over u32 in a change chunk, found by the
+/// `wire` fuzz target); such a panic is a malformed frame, never a dead node. Only pure decoding
+/// runs here, so nothing is left half-changed by the unwinding.
+fn untrusted<T, E: std::fmt::Display>(
+    what: &str,
+    decode: impl FnOnce() -> Result<T, E>,
+) -> Result<T, Error> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(Error::Protocol(format!("{what}: {e}"))),
+        Err(_) => Err(Error::Protocol(format!(
+            "{what}: malformed (Automerge's decoder panicked on it)"
+        ))),
+    }
 }
 
 /// Refuses sync messages no honest peer sends, before any of it reaches the document: more than
@@ -1436,17 +1451,17 @@ fn check_message(message: &sync::Message) -> Result<(), Error> {
             rest = tail;
             match chunk_type {
                 CHUNK_DOCUMENT => {
-                    Automerge::load_with_options(
-                        chunk,
-                        automerge::LoadOptions::new()
-                            .on_partial_load(automerge::OnPartialLoad::Error)
-                            .verification_mode(automerge::VerificationMode::Check),
-                    )
-                    .map_err(|e| Error::Protocol(format!("document chunk: {e}")))?;
+                    untrusted("document chunk", || {
+                        Automerge::load_with_options(
+                            chunk,
+                            automerge::LoadOptions::new()
+                                .on_partial_load(automerge::OnPartialLoad::Error)
+                                .verification_mode(automerge::VerificationMode::Check),
+                        )
+                    })?;
                 }
                 CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => {
-                    automerge::Change::try_from(chunk)
-                        .map_err(|e| Error::Protocol(format!("change chunk: {e}")))?;
+                    untrusted("change chunk", || automerge::Change::try_from(chunk))?;
                 }
                 other => {
                     return Err(Error::Protocol(format!(

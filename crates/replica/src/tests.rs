@@ -1010,4 +1010,28 @@ fn the_largest_flag_a_document_can_hold_makes_a_change_the_store_keeps() {
             "a change of {largest} bytes is over MAX_CHANGE_BYTES ({MAX_CHANGE_BYTES})"
         );
     }
+
+/// Found by fuzz/ (`wire`): a change chunk whose op id counter does not fit in a u32 made
+/// automerge 0.12 panic while decoding it, so one frame from a peer aborted the node.
+#[test]
+fn a_change_chunk_that_panics_automerge_is_refused_as_a_protocol_error() {
+    let chunk = include_bytes!("../fuzz-regressions/change-chunk-op-id-counter-over-u32.bin");
+    let mut payload = Vec::new();
+    wire::encode_heads(&[], &mut payload).unwrap();
+    payload.extend_from_slice(chunk);
+    let frame = wire::encode(wire::FrameKind::Changes, SET, &payload, 1 << 20).unwrap();
+    let peer = PeerId("peer-a".into());
+    let mut replica = Replica::new(ReplicaConfig::new("n1", "r1", 1), Timestamp(0));
+    replica.add_peer(peer.clone(), Timestamp(0));
+    replica.handle_message(&peer, &frame, Timestamp(1));
+    let events: Vec<Event> = std::iter::from_fn(|| replica.poll_event()).collect();
+    assert!(
+        matches!(&events[..], [Event::ProtocolError { error: Error::Protocol(why), .. }]
+            if why.contains("change chunk")),
+        "{events:?}"
+    );
+    assert!(
+        replica.flag_set(SET).is_none(),
+        "a refused frame created its flag set"
+    );
 }

@@ -80,6 +80,12 @@ pub use fdb::FdbStore;
 pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
 
+/// The record framing, for the fuzz targets in fuzz/ only; not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::record::{decode, encode, split_u64};
+}
+
 /// The number of changes since the last snapshot at which the node should compact a flag set.
 ///
 /// Why 200: a start replays every change after the snapshot through Automerge, ≈ 50–150 µs per

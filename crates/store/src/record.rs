@@ -30,7 +30,7 @@ fn checksum(id: &RecordId, payload: &[u8]) -> u32 {
 }
 
 /// Frames `payload` for storage under `id`.
-pub(crate) fn encode(id: &RecordId, payload: &[u8]) -> Vec<u8> {
+pub fn encode(id: &RecordId, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.push(FORMAT_V1);
     out.extend_from_slice(&checksum(id, payload).to_le_bytes());
@@ -48,7 +48,7 @@ pub(crate) fn encode_parts(id: &RecordId, head: &[u8], body: &[u8]) -> Vec<u8> {
 }
 
 /// Checks and unframes a stored value; any mismatch is a [`StoreError::Corrupt`] naming `id`.
-pub(crate) fn decode<'a>(id: &RecordId, stored: &'a [u8]) -> Result<&'a [u8], StoreError> {
+pub fn decode<'a>(id: &RecordId, stored: &'a [u8]) -> Result<&'a [u8], StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt {
         record: id.clone(),
         detail,
@@ -74,10 +74,7 @@ pub(crate) fn decode<'a>(id: &RecordId, stored: &'a [u8]) -> Result<&'a [u8], St
 }
 
 /// Reads the little-endian u64 a payload starts with, and returns it with the rest.
-pub(crate) fn split_u64<'a>(
-    id: &RecordId,
-    payload: &'a [u8],
-) -> Result<(u64, &'a [u8]), StoreError> {
+pub fn split_u64<'a>(id: &RecordId, payload: &'a [u8]) -> Result<(u64, &'a [u8]), StoreError> {
     if payload.len() < 8 {
         return Err(StoreError::Corrupt {
             record: id.clone(),
