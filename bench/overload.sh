@@ -81,6 +81,6 @@ peak="$(field bunting-peak ok_rps)"
 echo "single-flag: bunting / bare axum = $(awk -v a="$peak" -v b="$(field bare-single ok_rps)" 'BEGIN { printf "%.2f", a / b }')x (goal >= 0.85)"
 for n in bunting-10x bunting-2000; do
   awk -v n="$n" -v ok="$(field "$n" ok_rps)" -v p="$peak" -v shed="$(field "$n" non2xx)" -v all="$(field "$n" requests)" \
-    'BEGIN { printf "%-13s 2xx rate / peak = %.2fx (goal >= 0.9), shed (non-2xx) %.2f%% of %d\n", n, ok / p, all > 0 ? 100 * shed / all : 0, all }'
+    'BEGIN { printf "%-13s 2xx rate / peak = %.2fx (goal >= 0.9), shed (non-2xx) %.2f%% of %d\n", n, ok / p, (all > 0 ? 100 * shed / all : 0), all }'
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

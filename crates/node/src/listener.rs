@@ -352,6 +352,9 @@ struct Shared {
     in_flight: AtomicUsize,
     /// Bumped each time `in_flight` drops to zero: a new wait for the next head begins.
     finished: AtomicU64,
+    /// The socket's reader, woken when `in_flight` drops to zero so it arms its deadline (it may
+    /// have gone to sleep without one while the response was still being written).
+    reader: futures_util::task::AtomicWaker,
 }
 
 /// Marks one request in progress on its connection until dropped.
@@ -368,6 +371,7 @@ impl Drop for Busy {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.finished.fetch_add(1, Ordering::AcqRel);
+            self.0.reader.wake();
         }
     }
 }
@@ -478,8 +482,16 @@ impl Guarded {
     }
 
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some(deadline) = self.deadline() else {
-            return Poll::Pending;
+        let deadline = match self.deadline() {
+            Some(d) => d,
+            None => {
+                self.shared.reader.register(cx.waker());
+                // The request may have finished between the look and the registration.
+                match self.deadline() {
+                    Some(d) => d,
+                    None => return Poll::Pending,
+                }
+            }
         };
         if self.armed != Some(deadline) {
             self.sleep.as_mut().reset(deadline);

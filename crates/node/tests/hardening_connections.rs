@@ -2,6 +2,7 @@
 //! to exhaust the node's descriptors, so `/healthz` and OFREP timed out for everyone. Now one
 //! client address holds at most its cap, the rest are closed at once, slow clients are closed after
 //! the header-read and idle timeouts, and other clients are served throughout.
+#![allow(clippy::unwrap_used)] // test fixtures: a failed setup should panic loudly
 
 mod common;
 
