@@ -80,6 +80,11 @@ pub struct ServeArgs {
     /// dev` gives every node the same one, so one key works on every node.
     #[arg(long, env = "BUNTING_SDK_KEY", hide_env_values = true)]
     pub sdk_key: Option<String>,
+    /// If the store file is damaged (the node refuses to start and says so), move it aside as
+    /// `<file>.damaged-<unix-ms>` (never deleted) and start empty, catching up from peers. An
+    /// intact store is kept. The variable takes 1/0, true/false, yes/no, on/off.
+    #[arg(long, env = "BUNTING_RESET_DATA", value_parser = clap::builder::BoolishValueParser::new())]
+    pub reset_data: bool,
 }
 
 /// Where the admin CLI sends its requests.
@@ -196,11 +201,13 @@ mod tests {
             "127.0.0.1:0",
             "--store",
             "memory",
+            "--reset-data",
         ]);
         match cli.command {
             Command::Serve(a) => {
                 assert_eq!(a.http.unwrap().port(), 0);
                 assert_eq!(a.store, Some(StoreBackend::Memory));
+                assert!(a.reset_data);
             }
             _ => panic!("expected serve"),
         }

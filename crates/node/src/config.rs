@@ -43,6 +43,11 @@ pub struct NodeConfig {
     /// every node the same key.
     #[serde(skip)]
     pub sdk_key: Option<String>,
+    /// When the store file is damaged, move it aside (kept as `<file>.damaged-<unix-ms>`) and
+    /// start empty, catching up from peers (`--reset-data`, `BUNTING_RESET_DATA`). An intact
+    /// store is kept. A one-off operator action, so not read from the TOML file.
+    #[serde(skip)]
+    pub reset_data: bool,
     pub limits: LimitsConfig,
     pub telemetry: TelemetryConfig,
     /// The cluster this node gossips with; alone when absent.
@@ -91,6 +96,7 @@ impl Default for NodeConfig {
             flags_file: None,
             admin_token: None,
             sdk_key: None,
+            reset_data: false,
             limits: LimitsConfig::default(),
             telemetry: TelemetryConfig::default(),
             cluster: None,
