@@ -107,6 +107,11 @@ pub struct ServeArgs {
     /// Milliseconds a request may wait for a slot before 503 (`[limits] max_queue_wait_ms`).
     #[arg(long, env = "BUNTING_MAX_QUEUE_WAIT_MS")]
     pub max_queue_wait_ms: Option<u64>,
+    /// If the store file is damaged (the node refuses to start and says so), move it aside as
+    /// `<file>.damaged-<unix-ms>` (never deleted) and start empty, catching up from peers. An
+    /// intact store is kept. The variable takes 1/0, true/false, yes/no, on/off.
+    #[arg(long, env = "BUNTING_RESET_DATA", value_parser = clap::builder::BoolishValueParser::new())]
+    pub reset_data: bool,
 }
 
 /// Where the admin CLI sends its requests.
@@ -227,6 +232,7 @@ mod tests {
             "5000",
             "--max-connections-per-address",
             "64",
+            "--reset-data",
         ]);
         match cli.command {
             Command::Serve(a) => {
@@ -234,6 +240,7 @@ mod tests {
                 assert_eq!(a.store, Some(StoreBackend::Memory));
                 assert_eq!(a.idle_timeout_ms, Some(5000));
                 assert_eq!(a.max_connections_per_address, Some(64));
+                assert!(a.reset_data);
             }
             _ => panic!("expected serve"),
         }

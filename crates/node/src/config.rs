@@ -47,6 +47,11 @@ pub struct NodeConfig {
     /// a token with the read scope, so flag names are never public by default.
     #[serde(skip)]
     pub metrics_token: Option<String>,
+    /// When the store file is damaged, move it aside (kept as `<file>.damaged-<unix-ms>`) and
+    /// start empty, catching up from peers (`--reset-data`, `BUNTING_RESET_DATA`). An intact
+    /// store is kept. A one-off operator action, so not read from the TOML file.
+    #[serde(skip)]
+    pub reset_data: bool,
     pub limits: LimitsConfig,
     pub telemetry: TelemetryConfig,
     /// The cluster this node gossips with; alone when absent.
@@ -118,6 +123,7 @@ impl Default for NodeConfig {
             admin_token: None,
             sdk_key: None,
             metrics_token: None,
+            reset_data: false,
             limits: LimitsConfig::default(),
             telemetry: TelemetryConfig::default(),
             cluster: None,
@@ -128,7 +134,7 @@ impl Default for NodeConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
-            max_evaluation_body_bytes: 256 * 1024,
+            max_evaluation_body_bytes: bunting_model::limits::MAX_CONTEXT_BYTES,
             max_admin_body_bytes: bunting_model::limits::MAX_DOCUMENT_BYTES + 64 * 1024,
             requests_per_second_per_token: 50_000,
             burst_per_token: 100_000,

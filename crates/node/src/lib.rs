@@ -33,7 +33,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bunting_model::FlagSet;
-use bunting_store::{MemoryStore, RedbStore, Store};
+use bunting_store::{MemoryStore, RedbStore, Store, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -197,13 +197,52 @@ async fn open_store(config: &NodeConfig) -> Result<Arc<dyn Store>, NodeError> {
         StoreBackend::Memory => Ok(Arc::new(MemoryStore::new())),
         StoreBackend::Redb => {
             let dir = config.data_dir.clone();
+            let reset = config.reset_data;
             tokio::task::spawn_blocking(move || -> Result<Arc<dyn Store>, NodeError> {
                 std::fs::create_dir_all(&dir)?;
-                Ok(Arc::new(RedbStore::open(dir.join("bunting.redb"))?))
+                Ok(Arc::new(open_redb(&dir.join("bunting.redb"), reset)?))
             })
             .await
             .map_err(|e| NodeError::Config(format!("store open task failed: {e}")))?
         }
+    }
+}
+
+/// Opens the redb store. A damaged file stops the node with the store's message (which names
+/// the file and `--reset-data`), unless `reset` is set: then it is renamed to
+/// `<file>.damaged-<unix-ms>`, never deleted, and the node starts on a new, empty store (with a
+/// fresh random incarnation, so its actor ids cannot repeat) and catches up from its peers.
+fn open_redb(path: &std::path::Path, reset: bool) -> Result<RedbStore, NodeError> {
+    match RedbStore::open(path) {
+        Err(StoreError::Damaged { path, detail }) if reset => {
+            let mut aside = path.clone().into_os_string();
+            aside.push(format!(".damaged-{}", driver::now_ms()));
+            let aside = std::path::PathBuf::from(aside);
+            std::fs::rename(&path, &aside).map_err(|e| {
+                NodeError::Config(format!(
+                    "--reset-data: cannot move the damaged store file {} aside to {}: {e}",
+                    path.display(),
+                    aside.display()
+                ))
+            })?;
+            tracing::warn!(
+                file = %path.display(),
+                kept_as = %aside.display(),
+                damage = %detail,
+                "--reset-data: moved the damaged store file aside; starting empty, catching up from peers"
+            );
+            Ok(RedbStore::open(&path)?)
+        }
+        Ok(store) => {
+            if reset {
+                tracing::info!(
+                    file = %path.display(),
+                    "--reset-data given but the store file is intact; keeping it"
+                );
+            }
+            Ok(store)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -101,6 +101,7 @@ fn config_from(args: ServeArgs) -> Result<NodeConfig, NodeError> {
     config.admin_token = args.admin_token;
     config.sdk_key = args.sdk_key;
     config.metrics_token = args.metrics_token;
+    config.reset_data = args.reset_data;
     if let Some(regions) = args.regions {
         let cluster = config.cluster.get_or_insert_with(Default::default);
         cluster.regions = regions;

@@ -1010,6 +1010,7 @@ fn the_largest_flag_a_document_can_hold_makes_a_change_the_store_keeps() {
             "a change of {largest} bytes is over MAX_CHANGE_BYTES ({MAX_CHANGE_BYTES})"
         );
     }
+}
 
 /// Found by fuzz/ (`wire`): a change chunk whose op id counter does not fit in a u32 made
 /// automerge 0.12 panic while decoding it, so one frame from a peer aborted the node.
