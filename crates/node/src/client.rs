@@ -33,26 +33,41 @@ async fn call(
             remote.url
         )));
     }
-    let mut request = client.request(method, &url);
-    if let Some(token) = &remote.token {
-        request = request.bearer_auth(token);
-    }
-    if let Some(m) = message {
-        request = request.header("x-change-message", m);
-    }
-    if let Some(b) = body {
-        request = request.json(&b);
-    }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| NodeError::Client(describe(&url, &e)))?;
-    let status = response.status();
-    let text = response
-        .text()
-        .await
-        .map_err(|e| NodeError::Client(describe(&url, &e)))?;
-    let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    // Writes carry an idempotency key, so the retries below apply a write at most once.
+    let key = (method != Method::GET).then(idempotency_key);
+    let mut attempt = 0;
+    let (status, value) = loop {
+        attempt += 1;
+        let mut request = client.request(method.clone(), &url);
+        if let Some(token) = &remote.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(m) = message {
+            request = request.header("x-change-message", m);
+        }
+        if let Some(k) = &key {
+            request = request.header("idempotency-key", k);
+        }
+        if let Some(b) = &body {
+            request = request.json(b);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| NodeError::Client(describe(&url, &e)))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| NodeError::Client(describe(&url, &e)))?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        // A write applied but not yet stored: ask again with the same key for its outcome.
+        let pending =
+            status == reqwest::StatusCode::SERVICE_UNAVAILABLE && value["error"] == "write_pending";
+        if !(pending && key.is_some() && attempt < WRITE_ATTEMPTS) {
+            break (status, value);
+        }
+    };
     if status.is_success() {
         Ok(value)
     } else {
@@ -60,6 +75,18 @@ async fn call(
             "{status}: {}",
             serde_json::to_string_pretty(&value).unwrap_or_default()
         )))
+    }
+}
+
+/// How often the CLI sends a write whose answer was "pending" (with the same idempotency key).
+const WRITE_ATTEMPTS: u32 = 3;
+
+/// A fresh idempotency key: 128 random bits in hex (a clock-based one if randomness fails).
+fn idempotency_key() -> String {
+    let mut bytes = [0u8; 16];
+    match getrandom::fill(&mut bytes) {
+        Ok(()) => hex::encode(bytes),
+        Err(_) => format!("cli-{}-{}", std::process::id(), crate::driver::now_ms()),
     }
 }
 
