@@ -181,7 +181,7 @@ async fn a_write_queued_behind_a_failed_one_is_refused_even_though_the_disk_reco
         async move { node.put("first", "a").await }
     });
     let path = "/api/v1/flagsets/default/flags/first";
-    eventually_status(&node, path, 200).await;
+    eventually_reads(&node, path, |status, _| status == 200).await;
     // The second write is made on top of the first (it patches the first's flag) and queued.
     let second = tokio::spawn({
         let node = node.clone();
@@ -194,7 +194,7 @@ async fn a_write_queued_behind_a_failed_one_is_refused_even_though_the_disk_reco
             .await
         }
     });
-    eventually_state(&node, path, "DISABLED").await;
+    eventually_reads(&node, path, |_, flag| flag["state"] == json!("DISABLED")).await;
     // The disk recovers before the second write's turn; it is refused all the same.
     node.hold.store(false, Ordering::SeqCst);
     let (status, body) = first.await.unwrap();
@@ -277,26 +277,17 @@ async fn shutdown_finishes_while_the_store_hangs() {
     );
 }
 
-/// Waits until an admin GET of `path` answers `status` (the write was applied on the node).
-async fn eventually_status(node: &FailingNode, path: &str, status: u16) {
+/// Waits until an admin GET of `path` answers what `wanted` accepts (status, body): the
+/// node's document holds a write, whether or not it is stored yet.
+async fn eventually_reads(node: &FailingNode, path: &str, wanted: impl Fn(u16, &Value) -> bool) {
     for _ in 0..3000 {
-        if node.call(Method::GET, path, None).await.0 == status {
+        let (status, body) = node.call(Method::GET, path, None).await;
+        if wanted(status, &body) {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    panic!("{path} never answered {status}");
-}
-
-/// Waits until the flag at `path` has `state` in the node's document.
-async fn eventually_state(node: &FailingNode, path: &str, state: &str) {
-    for _ in 0..3000 {
-        if node.call(Method::GET, path, None).await.1["state"] == json!(state) {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    panic!("{path} never reached {state}");
+    panic!("{path} never read as wanted");
 }
 
 fn served(document: &Value, key: &str) -> bool {
