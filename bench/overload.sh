@@ -10,48 +10,14 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 DURATION="${DURATION:-10s}"; THREADS="${THREADS:-1}"
-if ! command -v wrk >/dev/null; then
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-  else sudo apt-get install -y wrk; fi
-fi
 # wrk holds up to 2,000 sockets and the node as many.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-work="$(mktemp -d)"; pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-cargo build --quiet --release --locked -p bunting-node --bin bunting --example bare_ofrep --manifest-path "$root/Cargo.toml"
-target="$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-
-python3 "$root/bench/flags50.py" flagd > "$work/flags.json"
 # The bench client is one address: its per-address cap must admit 2,000 connections.
-cat > "$work/node.toml" <<'TOML'
-node_id = "bench-1"
-region = "local"
-store = "memory"
-[limits]
-requests_per_second_per_token = 100000000
-burst_per_token = 100000000
-max_connections_per_address = 4096
-[telemetry]
-log_filter = "warn"
-TOML
-
-wait_url() { for _ in $(seq 1 400); do u="$(sed -n 's/^listening on //p' "$1" | head -1)"; [ -n "$u" ] && { echo "$u"; return; }; sleep 0.05; done; echo "no url in $1" >&2; exit 1; }
-admin="bench-admin-$RANDOM$RANDOM$RANDOM$RANDOM"
-BUNTING_ADMIN_TOKEN="$admin" "$target/release/bunting" serve --config "$work/node.toml" --http 127.0.0.1:0 \
-  --data-dir "$work/data" --flags "$work/flags.json" > "$work/bunting.out" 2>"$work/bunting.err" &
-pids+=($!)
-"$target/release/examples/bare_ofrep" > "$work/bare.out" &
-pids+=($!)
-node_url="$(wait_url "$work/bunting.out")"; bare_url="$(wait_url "$work/bare.out")"
-for _ in $(seq 1 200); do curl -fs "$node_url/readyz" >/dev/null && break; sleep 0.05; done
-key="$(curl -fsS -X POST "$node_url/api/v1/tokens" -H "Authorization: Bearer $admin" -H 'content-type: application/json' \
-  -d '{"name":"bench","scopes":["evaluate"],"flagSets":["default"]}' | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')"
-export KEY="$key"
-export BODY='{"context":{"targetingKey":"user-123","email":"ann@example.com","plan":"pro","country":"NZ"}}'
+EXTRA_LIMITS="max_connections_per_address = 4096"
+trap bench_cleanup EXIT  # defined by common.sh; set first so a failed start leaves nothing behind
+source "$root/bench/common.sh"
 path=/ofrep/v1/evaluate/flags/flag-35
-curl -fsS -X POST "$node_url$path" -H "Authorization: Bearer $key" -H 'content-type: application/json' -d "$BODY" >/dev/null
+curl -fsS -X POST "$node_url$path" -H "Authorization: Bearer $KEY" -H 'content-type: application/json' -d "$BODY" >/dev/null
 
 # /healthz on a fresh connection every 100 ms until the file $1.stop exists; seconds, one a line.
 probe() { while [ ! -e "$1.stop" ]; do curl -s -o /dev/null -w '%{http_code} %{time_total}\n' --max-time 5 "$node_url/healthz" >> "$1" || echo "000 5" >> "$1"; sleep 0.1; done; }

@@ -382,6 +382,17 @@ pub fn router(state: Arc<AppState>) -> Router {
     router_with(state, admission)
 }
 
+/// What the accepting thread answers itself on a fresh connection (see [`crate::listener`]):
+/// the health probes only, counted like the same routes of [`router`].
+pub fn probe_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
 fn router_with(state: Arc<AppState>, admission: Arc<Admission>) -> Router {
     let limits = &state.limits;
     let evaluation = Router::new()

@@ -155,6 +155,7 @@ pub async fn serve_with_store(
         None => None,
     };
     let app = http::router(state.clone());
+    let probes = http::probe_router(state.clone());
     let connection_limits = listener::ConnectionLimits::from_config(&config.limits);
     tracing::info!(
         max_connections = connection_limits.max_connections,
@@ -164,6 +165,7 @@ pub async fn serve_with_store(
     listener::serve(
         listener,
         app,
+        probes,
         connection_limits,
         Arc::new(listener::ConnectionStats::default()),
         async move {

@@ -218,9 +218,16 @@ impl ConnectionStats {
 /// Serves `app` on `listener` until `shutdown` completes; then stops accepting, lets every open
 /// connection finish its request in progress (idle ones close at once) and returns when all are
 /// closed.
+///
+/// Connections are accepted on a thread of their own (the *front*), which looks at the first
+/// bytes of each: a health probe (`GET /healthz`, `GET /readyz` on a fresh connection, as
+/// orchestrators and load balancers send them) is answered there by `probes` and the connection
+/// closed; every other connection goes to the runtime `serve` is called on. A probe so never
+/// waits behind the request work of thousands of busy connections (issue #12, item 10).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    probes: Router,
     limits: ConnectionLimits,
     stats: Arc<ConnectionStats>,
     shutdown: impl Future<Output = ()> + Send,
@@ -229,51 +236,197 @@ pub async fn serve(
     let _ = stats.gate.set(gate.clone());
     // Each connection task holds a receiver: `closed()` resolves when the last has ended.
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut shutdown = std::pin::pin!(shutdown);
-    let mut last_refusal_log: Option<Instant> = None;
-    loop {
-        let (stream, remote) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    accept_error(e).await;
-                    continue;
-                }
-            },
-        };
-        match gate.admit(remote.ip()) {
-            Ok(slot) => {
-                let conn = Conn {
-                    app: app.clone(),
-                    limits: limits.clone(),
-                    stats: stats.clone(),
-                    remote,
-                    stop: stop_rx.clone(),
-                };
-                tokio::spawn(conn.run(stream, slot));
+    let (front_stop_tx, front_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (front_done_tx, front_done_rx) = tokio::sync::oneshot::channel::<()>();
+    let front = Front {
+        gate,
+        app,
+        probes,
+        limits,
+        stats,
+        stop: stop_rx,
+        main: tokio::runtime::Handle::current(),
+    };
+    let spawned = match listener.into_std() {
+        Ok(listener) => std::thread::Builder::new()
+            .name("bunting-front".into())
+            .spawn(move || {
+                front.run(listener, front_stop_rx);
+                let _ = front_done_tx.send(());
+            })
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the accepting thread; not serving");
+    } else {
+        shutdown.await;
+        let _ = front_stop_tx.send(());
+        // The front drops the listener and its receiver when it ends (or if it panicked).
+        let _ = front_done_rx.await;
+    }
+    let _ = stop_tx.send(true);
+    stop_tx.closed().await;
+}
+
+/// The accepting thread's share of [`serve`].
+struct Front {
+    gate: Arc<Gate>,
+    app: Router,
+    probes: Router,
+    limits: ConnectionLimits,
+    stats: Arc<ConnectionStats>,
+    stop: watch::Receiver<bool>,
+    /// The runtime ordinary connections are served on.
+    main: tokio::runtime::Handle,
+}
+
+/// How many bytes of a connection's start the front looks at: enough for `GET /healthz `.
+const PROBE_PEEK: usize = 16;
+
+/// Whether a connection's first bytes are a health probe the front answers itself.
+fn is_probe(start: &[u8]) -> bool {
+    [&b"GET /healthz"[..], &b"GET /readyz"[..]].iter().any(|p| {
+        start.len() > p.len() && start.starts_with(p) && matches!(start[p.len()], b' ' | b'?')
+    })
+}
+
+impl Front {
+    fn run(self, listener: std::net::TcpListener, stop: tokio::sync::oneshot::Receiver<()>) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the accepting thread's runtime");
+                return;
             }
-            Err(why) => {
-                // Closed before a byte is read: no descriptor or memory is held past this line.
-                drop(stream);
-                let counter = match why {
-                    Refusal::Full => &stats.refused_full,
-                    Refusal::Address => &stats.refused_address,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                let now = Instant::now();
-                if last_refusal_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
-                {
-                    last_refusal_log = Some(now);
-                    tracing::warn!(client = %remote.ip(), reason = ?why, open = gate.open(), "connection refused by a cap");
+        };
+        runtime.block_on(async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot register the listener");
+                    return;
                 }
+            };
+            let this = Arc::new(self);
+            let mut stop = std::pin::pin!(stop);
+            let mut last_refusal_log: Option<Instant> = None;
+            loop {
+                let (stream, remote) = tokio::select! {
+                    _ = &mut stop => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            accept_error(e).await;
+                            continue;
+                        }
+                    },
+                };
+                match this.gate.admit(remote.ip()) {
+                    Ok(slot) => {
+                        tokio::spawn(this.clone().sort(stream, remote, slot, Instant::now()));
+                    }
+                    Err(why) => {
+                        // Closed before a byte is read: no descriptor or memory is held past this line.
+                        drop(stream);
+                        let counter = match why {
+                            Refusal::Full => &this.stats.refused_full,
+                            Refusal::Address => &this.stats.refused_address,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        let now = Instant::now();
+                        if last_refusal_log
+                            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+                        {
+                            last_refusal_log = Some(now);
+                            tracing::warn!(client = %remote.ip(), reason = ?why, open = this.gate.open(), "connection refused by a cap");
+                        }
+                    }
+                }
+            }
+        });
+        // Dropping the runtime closes the listener and cuts any probe still being answered.
+    }
+
+    /// Waits for a new connection's first bytes (within the header-read timeout), answers a
+    /// probe here and hands anything else to the main runtime.
+    async fn sort(
+        self: Arc<Self>,
+        stream: TcpStream,
+        remote: SocketAddr,
+        slot: Slot,
+        accepted: Instant,
+    ) {
+        let mut start = [0u8; PROBE_PEEK];
+        let n = match tokio::time::timeout_at(
+            accepted + self.limits.header_read_timeout,
+            stream.peek(&mut start),
+        )
+        .await
+        {
+            Err(_) => {
+                self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Ok(Err(_)) | Ok(Ok(0)) => return,
+            Ok(Ok(n)) => n,
+        };
+        if is_probe(&start[..n]) {
+            self.answer_probe(stream, remote, accepted).await;
+            drop(slot);
+            return;
+        }
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, client = %remote, "cannot hand a connection over");
+                return;
+            }
+        };
+        let conn = Conn {
+            app: self.app.clone(),
+            limits: self.limits.clone(),
+            stats: self.stats.clone(),
+            remote,
+            stop: self.stop.clone(),
+        };
+        self.main.spawn(async move {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => conn.run(stream, slot, accepted).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, client = %remote, "cannot register a connection")
+                }
+            }
+        });
+    }
+
+    /// One request, then the connection closes: the next request of this client is sorted
+    /// again, so nothing but probes is ever served on this thread.
+    async fn answer_probe(&self, stream: TcpStream, remote: SocketAddr, accepted: Instant) {
+        let probes = self.probes.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(remote));
+            probes.clone().call(req.map(Body::new))
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .header_read_timeout(None)
+            .serve_connection(TokioIo::new(stream), service);
+        // A probe whose client stops reading the answer is cut like a slow header.
+        let deadline = accepted + self.limits.header_read_timeout;
+        match tokio::time::timeout_at(deadline, conn).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, client = %remote, "probe connection ended with an error")
+            }
+            Err(_) => {
+                self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
-    drop(listener);
-    drop(stop_rx);
-    let _ = stop_tx.send(true);
-    stop_tx.closed().await;
 }
 
 /// Errors of one connection (reset before accept) are skipped; running out of descriptors or
@@ -299,13 +452,14 @@ struct Conn {
 }
 
 impl Conn {
-    async fn run(mut self, stream: TcpStream, slot: Slot) {
+    async fn run(mut self, stream: TcpStream, slot: Slot, accepted: Instant) {
         let shared = Arc::new(Shared::default());
         let io = TokioIo::new(Guarded::new(
             stream,
             shared.clone(),
             self.limits.clone(),
             self.stats.clone(),
+            accepted,
         ));
         let (app, remote, stats) = (self.app.clone(), self.remote, self.stats.clone());
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
@@ -429,8 +583,9 @@ impl Guarded {
         shared: Arc<Shared>,
         limits: ConnectionLimits,
         stats: Arc<ConnectionStats>,
+        accepted: Instant,
     ) -> Guarded {
-        let now = Instant::now();
+        let now = accepted;
         Guarded {
             inner,
             shared,
@@ -564,6 +719,116 @@ impl AsyncWrite for Guarded {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_complete_health_request_line_is_a_probe() {
+        assert!(is_probe(b"GET /healthz HTTP/1.1\r\n"));
+        assert!(is_probe(b"GET /readyz?x=1 HTTP"));
+        assert!(!is_probe(b"GET /healthz"), "cut before the path ends");
+        assert!(!is_probe(b"GET /healthzz HTTP/1.1"));
+        assert!(!is_probe(b"POST /healthz HTTP/1.1"));
+        assert!(!is_probe(b"GET /ofrep/v1/evaluate"));
+        assert!(!is_probe(b"PRI * HTTP/2.0\r\n"));
+    }
+
+    /// Sends one HTTP/1.1 request on a fresh connection and returns the whole answer.
+    async fn request(addr: SocketAddr, line: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("{line} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// The node's promise for orchestrators: while every worker of the serving runtime is busy
+    /// (here its only worker is blocked by a handler until the test lets it go), a health probe
+    /// on a fresh connection is still answered; ordinary requests wait for the workers.
+    #[test]
+    fn a_probe_is_answered_while_every_serving_worker_is_blocked() {
+        use axum::routing::get;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Arc::new(Mutex::new(release_rx));
+        let app = Router::new()
+            .route(
+                "/block",
+                get(move || {
+                    let release = release_rx.clone();
+                    let entered = entered_tx.clone();
+                    async move {
+                        let _ = entered.send(());
+                        // Blocks the runtime's only worker thread on purpose.
+                        let _ = release.lock().unwrap().recv();
+                        "released"
+                    }
+                }),
+            )
+            .route("/healthz", get(|| async { "main" }));
+        let probes = Router::new().route("/healthz", get(|| async { "front" }));
+        let limits = ConnectionLimits::from_config(&LimitsConfig::default());
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                serve(
+                    listener,
+                    app,
+                    probes,
+                    limits,
+                    Default::default(),
+                    std::future::pending(),
+                )
+                .await;
+            })
+        });
+        let addr = addr_rx.recv().unwrap();
+        // A separate client runtime (with its own worker, so the spawned request runs while
+        // this thread waits): the server's is the one being blocked.
+        let client = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let blocked = client.spawn(request(addr, "GET /block"));
+        entered_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the blocking handler started");
+        let probe = client.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), request(addr, "GET /healthz")).await
+        });
+        let probe = probe.expect("the probe was answered while the worker was blocked");
+        assert!(probe.starts_with("HTTP/1.1 200"), "{probe}");
+        assert!(probe.ends_with("front"), "answered by the front: {probe}");
+        assert!(
+            probe.to_ascii_lowercase().contains("connection: close"),
+            "{probe}"
+        );
+        release_tx.send(()).unwrap();
+        let blocked = client.block_on(blocked).unwrap();
+        assert!(blocked.ends_with("released"), "{blocked}");
+        // A probe on a connection that already carried another request is the main runtime's.
+        let main = client.block_on(async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /nothing HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        });
+        assert!(main.ends_with("main"), "{main}");
+        drop(server);
+    }
 
     #[test]
     fn gate_refuses_past_either_cap_and_frees_slots_on_drop() {
