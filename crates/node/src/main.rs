@@ -6,6 +6,9 @@ use bunting_node::cli::{Cli, Command, ServeArgs};
 use bunting_node::{client, serve, shutdown_signal, NodeConfig, NodeError};
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Sim(args) = cli.command {
