@@ -31,6 +31,7 @@ use automerge::{
     ROOT,
 };
 use bunting_engine::{CompileOptions, CompiledFlagSet};
+use bunting_model::limits::MAX_FLAGS;
 use bunting_model::{pointer, DefaultVariant, Flag, FlagSet, FlagsForm, Problem};
 use indexmap::IndexMap;
 use serde_json::{json, Map, Value};
@@ -531,6 +532,7 @@ impl FlagSetDoc {
         match command {
             WriteCommand::PutFlag { key, flag } => {
                 validate_one(key, flag, &evaluators)?;
+                self.check_room_for(key)?;
                 Ok(self.plan_flag(key, flag).into_iter().collect())
             }
             WriteCommand::SetState { key, .. }
@@ -843,6 +845,20 @@ impl FlagSetDoc {
             Some((automerge::Value::Object(ObjType::Map), id)) => Some(id),
             _ => None,
         }
+    }
+
+    /// A new flag one write at a time is held to the same [`MAX_FLAGS`] as a whole-set upload.
+    fn check_room_for(&self, key: &str) -> Result<(), Error> {
+        let Some(flags) = self.root_map("flags", None) else {
+            return Ok(());
+        };
+        if self.sub_map(&flags, key, None).is_some() || self.doc.length(&flags) < MAX_FLAGS {
+            return Ok(());
+        }
+        Err(Error::Invalid(bunting_model::Problems(vec![Problem::new(
+            pointer(["flags", key]),
+            format!("the flag set already holds {MAX_FLAGS} flags, the limit (MAX_FLAGS); delete one first"),
+        )])))
     }
 
     fn flag_obj(&self, key: &str, at: Option<&[ChangeHash]>) -> Option<ObjId> {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use bunting_model::{DefaultVariant, Flag, FlagState};
+use bunting_model::{DefaultVariant, Flag, FlagSet, FlagState};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -1035,4 +1035,52 @@ fn a_change_chunk_that_panics_automerge_is_refused_as_a_protocol_error() {
         replica.flag_set(SET).is_none(),
         "a refused frame created its flag set"
     );
+}
+
+/// A set filled one flag at a time is held to the same MAX_FLAGS as an upload: the flag past
+/// the limit is refused naming it, nothing is written, and existing flags still take writes.
+#[test]
+fn single_flag_writes_cannot_grow_a_set_past_max_flags() {
+    use bunting_model::limits::MAX_FLAGS;
+    let mut flags = serde_json::Map::new();
+    for i in 0..MAX_FLAGS {
+        flags.insert(
+            format!("f{i}"),
+            json!({"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on"}),
+        );
+    }
+    let set = FlagSet::from_value(&json!({ "flags": flags })).unwrap();
+    let mut c = Cluster::new(1);
+    c.write(0, WriteCommand::ReplaceSet { set }).unwrap();
+    let one = Flag::from_value(
+        &json!({"state": "DISABLED", "variants": {"on": true}, "defaultVariant": "on"}),
+        "",
+    )
+    .unwrap();
+    let refused = c
+        .write(
+            0,
+            WriteCommand::PutFlag {
+                key: "one-more".into(),
+                flag: one.clone(),
+            },
+        )
+        .unwrap_err();
+    match refused {
+        Error::Invalid(p) => {
+            assert_eq!(p.0[0].pointer, "/flags/one-more");
+            assert!(p.0[0].message.contains("MAX_FLAGS"), "{}", p.0[0].message);
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    let doc = c.nodes[0].replica.flag_set(SET).unwrap();
+    assert!(doc.flag("one-more").is_none());
+    c.write(
+        0,
+        WriteCommand::PutFlag {
+            key: "f7".into(),
+            flag: one,
+        },
+    )
+    .unwrap();
 }
