@@ -124,8 +124,11 @@ pub async fn serve_with_store(
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
     let loader = {
         let state = state.clone();
+        let store_file =
+            (config.store == StoreBackend::Redb).then(|| config.data_dir.join("bunting.redb"));
         tokio::spawn(async move {
-            match driver::start(store, snapshots, identity, initial, ready, link).await {
+            let started = driver::start(store, snapshots, identity, initial, ready, link).await;
+            match started.map_err(|e| name_the_store_file(e, store_file.as_deref())) {
                 Ok((handle, task)) => {
                     let _ = state.driver.set(handle);
                     Ok(task)
@@ -192,6 +195,21 @@ pub async fn serve_with_store(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A flag set that cannot be loaded from the store file stops the node with the file's name and
+/// what to do, not only the record that failed.
+fn name_the_store_file(e: NodeError, file: Option<&std::path::Path>) -> NodeError {
+    match (e, file) {
+        (e @ (NodeError::Store(_) | NodeError::Corrupt(_)), Some(file)) => {
+            NodeError::Corrupt(format!(
+                "{e}; in the store file {}. Restore the file from a backup, or move it aside and \
+                 start the node again: it starts empty and catches up from its peers",
+                file.display()
+            ))
+        }
+        (e, _) => e,
+    }
 }
 
 async fn open_store(config: &NodeConfig) -> Result<Arc<dyn Store>, NodeError> {
@@ -276,5 +294,36 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_load_failure_names_the_store_file_and_what_to_do() {
+        let record = bunting_store::RecordId::Change {
+            flag_set: "default".into(),
+            seq: 7,
+        };
+        let corrupt = NodeError::Store(StoreError::Corrupt {
+            record,
+            detail: "checksum mismatch".into(),
+        });
+        let file = std::path::Path::new("/var/lib/bunting/bunting.redb");
+        let said = name_the_store_file(corrupt, Some(file)).to_string();
+        assert!(said.contains("checksum mismatch"), "{said}");
+        assert!(said.contains("/var/lib/bunting/bunting.redb"), "{said}");
+        assert!(
+            said.contains("backup") && said.contains("move it aside"),
+            "{said}"
+        );
+        // A memory store has no file to name; other errors pass unchanged.
+        let config = NodeError::Config("x".into());
+        assert_eq!(
+            name_the_store_file(config, Some(file)).to_string(),
+            "configuration: x"
+        );
     }
 }
