@@ -28,11 +28,17 @@ summary() { awk '{ if ($1 != 200) bad++; print $2 * 1000 }' "$1" | sort -n | awk
     printf "healthz p50 %.1f ms, p99 %.1f ms, max %.1f ms over %d probes", v[i50], v[i99], v[NR], NR }'
   printf ", %d not 200\n" "$(awk '$1 != 200' "$1" | wc -l)"; }
 
-run() { # name url conns
-  local name="$1" url="$2" c="$3" line
+# CPU time (user + system, clock ticks) a process has used so far.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+run() { # name url conns server-pid
+  local name="$1" url="$2" c="$3" pid="$4" line before after
   rm -f "$work/$name.probe" "$work/$name.probe.stop"; probe "$work/$name.probe" & local pp=$!
+  before="$(cpu_ticks "$pid")"
   line="$(wrk -t"$THREADS" -c"$c" -d"$DURATION" -s "$root/bench/wrk-overload.lua" "$url$path" | grep '^RESULT')"
+  after="$(cpu_ticks "$pid")"
   touch "$work/$name.probe.stop"; wait "$pp" || true
+  # The server's CPU per request: steadier than a rate on a shared machine.
+  line="$line cpu_us=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$line")" 'BEGIN { printf "%.1f", (n > 0 ? t * 1e6 / hz / n : 0) }')"
   printf '%-22s c=%-5s %s\n' "$name" "$c" "${line#RESULT }"
   printf '%-22s %s\n' "" "$(summary "$work/$name.probe")"
   echo "$line" > "$work/$name.result"
@@ -43,21 +49,24 @@ echo "wrk -t$THREADS -d$DURATION, $(nproc) cores shared by wrk and the servers; 
 # ROUNDS times; the single-flag ratio is the median of the rounds' ratios, the peak the median of
 # Bunting's rounds.
 for u in "$bare_url" "$node_url"; do wrk -t"$THREADS" -c32 -d3s -s "$root/bench/wrk-overload.lua" "$u$path" >/dev/null; done
-ratios=(); peaks=(); bares=()
+node_pid="${pids[0]}"; bare_pid="${pids[1]}"
+ratios=(); peaks=(); bares=(); cpu_ratios=()
 for r in $(seq 1 "$ROUNDS"); do
-  run "bare-single-$r" "$bare_url" 32
-  run "bunting-peak-$r" "$node_url" 32
+  run "bare-single-$r" "$bare_url" 32 "$bare_pid"
+  run "bunting-peak-$r" "$node_url" 32 "$node_pid"
   ratios+=("$(awk -v a="$(field "bunting-peak-$r" ok_rps)" -v b="$(field "bare-single-$r" ok_rps)" 'BEGIN { printf "%.3f", a / b }')")
+  cpu_ratios+=("$(awk -v a="$(field "bunting-peak-$r" cpu_us)" -v b="$(field "bare-single-$r" cpu_us)" 'BEGIN { printf "%.3f", b / a }')")
   peaks+=("$(field "bunting-peak-$r" ok_rps)")
   bares+=("$(field "bare-single-$r" ok_rps)")
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 peak="$(median "${peaks[@]}")"
-run bunting-10x "$node_url" 320
-run bunting-2000 "$node_url" 2000
+run bunting-10x "$node_url" 320 "$node_pid"
+run bunting-2000 "$node_url" 2000 "$node_pid"
 # The same spike on the bare handler: how much of the loss at 2,000 is wrk's and the kernel's.
-run bare-2000 "$bare_url" 2000
+run bare-2000 "$bare_url" 2000 "$bare_pid"
 echo "single-flag: bunting / bare axum = $(median "${ratios[@]}")x median of ${ratios[*]} (goal >= 0.85)"
+echo "single-flag CPU per request: bare / bunting = $(median "${cpu_ratios[@]}")x median of ${cpu_ratios[*]}"
 echo "peak (median of the rounds at 32 connections): $peak 2xx/s"
 for n in bunting-10x bunting-2000; do
   awk -v n="$n" -v ok="$(field "$n" ok_rps)" -v p="$peak" -v shed="$(field "$n" non2xx)" -v all="$(field "$n" requests)" \

@@ -2,17 +2,19 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -20,9 +22,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Semaphore, SemaphorePermit};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
+use tower::{Layer, Service};
 
 use crate::admin;
 use crate::auth::{ClientIp, MetricsReader, Tokens};
@@ -153,27 +156,64 @@ impl Default for Metrics {
     }
 }
 
-async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let route = static_route(request.extensions().get::<MatchedPath>());
-    let method = static_method(request.method());
-    let start = Instant::now();
-    let response = next.run(request).await;
-    let status = response.status().as_u16();
-    state
-        .metrics
-        .latency
-        .get_or_create(&RouteLabels { route })
-        .observe(start.elapsed().as_secs_f64());
-    state
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            route,
-            method,
-            status,
+/// Counts every request by route, method and status, and its latency by route. A hand-written
+/// layer rather than `middleware::from_fn`: that clones the inner service per request.
+#[derive(Clone)]
+struct TrackLayer(Arc<AppState>);
+
+impl<S> Layer<S> for TrackLayer {
+    type Service = Track<S>;
+    fn layer(&self, inner: S) -> Track<S> {
+        Track {
+            inner,
+            state: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Track<S> {
+    inner: S,
+    state: Arc<AppState>,
+}
+
+impl<S> Service<Request> for Track<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let route = static_route(request.extensions().get::<MatchedPath>());
+        let method = static_method(request.method());
+        let state = self.state.clone();
+        let handled = self.inner.call(request);
+        Box::pin(async move {
+            let start = Instant::now();
+            let response = handled.await?;
+            let metrics = &state.metrics;
+            metrics
+                .latency
+                .get_or_create(&RouteLabels { route })
+                .observe(start.elapsed().as_secs_f64());
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    route,
+                    method,
+                    status: response.status().as_u16(),
+                })
+                .inc();
+            Ok(response)
         })
-        .inc();
-    response
+    }
 }
 
 async fn healthz() -> &'static str {
@@ -356,24 +396,103 @@ fn overloaded() -> Response {
         .into_response()
 }
 
-async fn admit(State(admission): State<Arc<Admission>>, request: Request, next: Next) -> Response {
-    let permit = match admission.slots.try_acquire() {
-        Ok(permit) => permit,
-        Err(_) => {
-            if admission.queued.fetch_add(1, Ordering::AcqRel) >= admission.max_queued {
-                admission.queued.fetch_sub(1, Ordering::AcqRel);
-                return overloaded();
-            }
-            let _queued = Queued(&admission.queued);
-            match tokio::time::timeout(admission.max_wait, admission.slots.acquire()).await {
-                Ok(Ok(permit)) => permit,
-                _ => return overloaded(),
-            }
+impl Admission {
+    /// A slot for one request: at once when one is free, else after waiting in the queue; the
+    /// 503 to answer when there is no queue place or the wait runs out.
+    async fn enter(&self) -> Result<SemaphorePermit<'_>, Response> {
+        if let Ok(permit) = self.slots.try_acquire() {
+            return Ok(permit);
         }
-    };
-    let response = next.run(request).await;
-    drop(permit);
-    response
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(overloaded());
+        }
+        let _queued = Queued(&self.queued);
+        match tokio::time::timeout(self.max_wait, self.slots.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(overloaded()),
+        }
+    }
+}
+
+/// Admission and the request deadline for OFREP and the admin API, in one layer.
+#[derive(Clone)]
+struct GuardLayer {
+    admission: Arc<Admission>,
+    timeout: Duration,
+}
+
+impl<S> Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+    fn layer(&self, inner: S) -> Guard<S> {
+        Guard {
+            inner,
+            admission: self.admission.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Guard<S> {
+    inner: S,
+    admission: Arc<Admission>,
+    timeout: Duration,
+}
+
+impl<S> Service<Request> for Guard<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let admission = self.admission.clone();
+        let timeout = self.timeout;
+        // Lazy: the handler runs only when polled, after admission.
+        let handled = self.inner.call(request);
+        Box::pin(async move {
+            let _slot = match admission.enter().await {
+                Ok(slot) => slot,
+                Err(shed) => return Ok(shed),
+            };
+            Ok(within(handled, timeout).await)
+        })
+    }
+}
+
+/// Runs a handler under the request timeout (408 past it). The timer is armed only when the
+/// handler does not finish in its first poll: an evaluation does, so the hot path sets no timer
+/// and reads no clock; a handler that waits (a slow body, an admin write) gets its deadline from
+/// that first wait.
+async fn within<F>(handled: F, timeout: Duration) -> Response
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    let mut handled = std::pin::pin!(handled);
+    let first = std::future::poll_fn(|cx| {
+        Poll::Ready(match handled.as_mut().poll(cx) {
+            Poll::Ready(Ok(response)) => Some(response),
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => None,
+        })
+    })
+    .await;
+    if let Some(response) = first {
+        return response;
+    }
+    match tokio::time::timeout(timeout, handled).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(never)) => match never {},
+        Err(_) => StatusCode::REQUEST_TIMEOUT.into_response(),
+    }
 }
 
 /// Every route of the node.
@@ -389,7 +508,7 @@ pub fn probe_router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
-        .route_layer(middleware::from_fn_with_state(state.clone(), track))
+        .route_layer(TrackLayer(state.clone()))
         .with_state(state)
 }
 
@@ -441,18 +560,19 @@ fn router_with(state: Arc<AppState>, admission: Arc<Admission>) -> Router {
         )
         .layer(DefaultBodyLimit::max(limits.max_admin_body_bytes));
     // Everything but the event stream (which lives until the client leaves) has a deadline.
-    #[allow(deprecated)]
-    let timeout = tower_http::timeout::TimeoutLayer::new(limits.request_timeout());
+    let guard = GuardLayer {
+        admission,
+        timeout: limits.request_timeout(),
+    };
     evaluation
         .merge(api)
-        .layer(timeout)
-        .layer(middleware::from_fn_with_state(admission, admit))
+        .layer(guard)
         .route("/api/v1/flagsets/{set}/stream", get(stream))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .route_layer(middleware::from_fn_with_state(state.clone(), track))
+        .route_layer(TrackLayer(state.clone()))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response,
         ))
@@ -530,7 +650,10 @@ mod tests {
                     }
                 }),
             )
-            .layer(middleware::from_fn_with_state(admission, admit))
+            .layer(GuardLayer {
+                admission,
+                timeout: Duration::from_secs(30),
+            })
     }
 
     async fn get_status(app: Router) -> (u16, Option<String>) {
@@ -575,6 +698,22 @@ mod tests {
         // The slot is back.
         release.notify_one();
         assert_eq!(get_status(app).await.0, 200);
+    }
+
+    #[tokio::test]
+    async fn a_handler_still_waiting_at_the_request_timeout_gets_408_and_frees_its_slot() {
+        let admission = Arc::new(Admission::new(&LimitsConfig::default()));
+        let slots = admission.slots.available_permits();
+        let app = Router::new()
+            .route("/never", get(std::future::pending::<&'static str>))
+            .route("/at-once", get(|| async { "done" }))
+            .layer(GuardLayer {
+                admission: admission.clone(),
+                timeout: Duration::from_millis(50),
+            });
+        assert_eq!(status(app.clone(), "GET", "/at-once").await, 200);
+        assert_eq!(status(app, "GET", "/never").await, 408);
+        assert_eq!(admission.slots.available_permits(), slots);
     }
 
     #[tokio::test]

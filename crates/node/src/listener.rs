@@ -648,19 +648,29 @@ impl Guarded {
                 }
             }
         };
-        if self.armed != Some(deadline) {
+        // The timer moves only to an earlier deadline: one armed earlier than needed fires, finds
+        // the deadline not reached and moves then. A busy keep-alive connection so resets its
+        // timer about once per idle timeout, not once per request (each reset takes the timer
+        // wheel's lock).
+        if self.armed.is_none_or(|armed| deadline < armed) {
             self.sleep.as_mut().reset(deadline);
             self.armed = Some(deadline);
         }
-        match self.sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "client too slow: header-read or idle timeout",
-                )))
+        loop {
+            match self.sleep.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if Instant::now() >= deadline => {
+                    self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client too slow: header-read or idle timeout",
+                    )));
+                }
+                Poll::Ready(()) => {
+                    self.sleep.as_mut().reset(deadline);
+                    self.armed = Some(deadline);
+                }
             }
-            Poll::Pending => Poll::Pending,
         }
     }
 }
