@@ -11,7 +11,7 @@
 //!
 //! Each test file uses its own block of 127.0.0.x addresses (ports are picked free on them), so
 //! test binaries and tests may run in parallel: propagation .131-.133, partition .101-.106,
-//! crash .111-.113, security .121-.124, stale .141, the benchmark .151-.156.
+//! crash .111-.113, security .121-.124, stale .141, flood .161-.163, the benchmark .151-.156.
 #![allow(clippy::unwrap_used)] // test harness: a failed setup should panic loudly
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
